@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine: `make train` and `make test`.
+# Without an NVIDIA GPU the CPU build of torch is installed first, so nothing downloads a multi-GB CUDA build;
+# override with e.g. `make test TORCH_SPEC="torch==2.13.0"` or `TORCH_SPEC=torch` for pip's default build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: install dev train test lint format test-gpu bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.base
+dev: $(VENV)/.dev
+
+train: $(VENV)/.base
+	$(PY) -m lightning_gspo.train $(ARGS)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(PY) -m pytest -m "not gpu" -q --durations=15 $(PYTEST_ARGS)
+
+test-gpu: $(VENV)/.dev
+	$(PY) -m pytest -m gpu -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/policy_loss.py
+	$(PY) benchmarks/logprobs.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info outputs lightning_logs

@@ -1,0 +1,330 @@
+"""The algorithm configuration, with TRL ``GRPOConfig``'s field names and defaults.
+
+A TRL or Unsloth user's ``GRPOConfig`` carries over field for field: ``GSPOConfig.from_trl(grpo_config)`` copies
+every field we share and warns, by name, about each non-default field we do not implement (vLLM, tools, ...),
+so nothing is dropped silently. Validation happens here, at construction, so a bad value fails before any model
+loads, with a message that names the field and the fix.
+
+Batch vocabulary is TRL's: ``per_device_train_batch_size`` counts completions (not prompts) per micro-batch;
+one generation batch is ``per_device_train_batch_size * steps_per_generation`` completions per rank, generated
+once and reused ``num_iterations`` times; the optimizer steps every ``gradient_accumulation_steps``
+micro-batches. One difference: a prompt's whole group of ``num_generations`` completions lives on one rank, so
+the per-rank generation batch must be a multiple of ``num_generations``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+LEVELS = ("token", "sequence", "sequence_token")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+BACKENDS = ("auto", "torch", "triton")
+LOGPROB_IMPLS = ("fused", "materialized")
+
+
+@dataclass
+class GSPOConfig:
+    """Everything the GRPO/GSPO algorithm needs, named as TRL's ``GRPOConfig`` names it."""
+
+    # ---- the loss ----
+    importance_sampling_level: str = "token"
+    """'token' (GRPO: one ratio per token), 'sequence' (GSPO: one length-normalised ratio per sequence) or
+    'sequence_token' (GSPO-token: the sequence ratio's value with per-token gradients)."""
+    loss_type: str = "dapo"
+    """How per-token losses are averaged: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's semantics)."""
+    epsilon: float = 0.2
+    """Lower clip width: ratios below 1 - epsilon stop pulling down. GSPO uses 3e-4."""
+    epsilon_high: float | None = None
+    """Upper clip width (DAPO's clip-higher); None means epsilon. GSPO uses 4e-4."""
+    delta: float | None = None
+    """Upper bound on the unclipped ratio (two-sided clipping, INTELLECT-2); must exceed 1 + epsilon_high."""
+    beta: float = 0.0
+    """KL coefficient towards the reference model (k3 estimator). 0 loads no reference model."""
+    use_bias_correction_kl: bool = True
+    """Multiply the per-token KL by the importance ratio, as TRL does by default."""
+    backend: str = "auto"
+    """Policy-loss implementation: 'auto' (Triton on CUDA, PyTorch on CPU), 'torch' or 'triton'."""
+    logprobs_impl: str = "fused"
+    """Per-token log-probs: 'fused' (hidden states x head, never holding the (N, V) logits) or 'materialized'
+    (the model's own logits, then log_softmax; for comparison and exotic heads)."""
+
+    # ---- groups, rewards, advantages ----
+    num_generations: int = 8
+    """Completions sampled per prompt (the group size G). At least 2."""
+    num_iterations: int = 1
+    """Passes over each generation batch (PPO epochs, mu). Above 1 the run is off-policy and GSPO differs from
+    GRPO."""
+    steps_per_generation: int | None = None
+    """Micro-batches per generation batch; None means gradient_accumulation_steps."""
+    generation_batch_size: int | None = None
+    """Completions per generation batch over all ranks; alternative to steps_per_generation (not both)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the group's reward std ('group'), the batch's ('batch') or not at all ('none')."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function; None weighs each by 1."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length without an EOS out of the loss."""
+
+    # ---- generation ----
+    max_prompt_length: int | None = 512
+    """Prompts longer than this are truncated from the left (with a warning that counts them). None: no limit."""
+    max_completion_length: int = 256
+    """Most tokens generated per completion; also dr_grpo's normalising constant."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed from logits / temperature, as TRL does."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    min_p: float | None = None
+    """Minimum probability relative to the most likely token; None disables."""
+    repetition_penalty: float = 1.0
+    """Hugging Face generate's repetition penalty; 1.0 disables."""
+    generation_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for ``model.generate``; they override the fields above."""
+
+    # ---- optimization (TrainingArguments' names) ----
+    learning_rate: float = 1e-6
+    """Peak learning rate."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    """'adamw_torch', 'adamw_torch_fused', 'adamw_8bit' / 'adamw_bnb_8bit' or 'paged_adamw_8bit'
+    (bitsandbytes)."""
+    lr_scheduler_type: str = "linear"
+    """'linear', 'cosine', 'constant' or 'constant_with_warmup'."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps spent warming up linearly from 0."""
+    warmup_steps: float = 0
+    """Warm-up optimizer steps; overrides warmup_ratio when > 0. A value below 1 is a ratio (transformers 5)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this before each optimizer step; 0 disables."""
+    per_device_train_batch_size: int = 8
+    """Completions per micro-batch per rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    num_train_epochs: float = 3.0
+    """Passes over the prompt dataset (used when max_steps is not set)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives them from num_train_epochs."""
+    seed: int = 42
+    """Seed for sampling, data order and initialisation."""
+    disable_dropout: bool = False
+    """Turn off dropout in the policy (and reference) so log-probs are deterministic."""
+
+    # ---- logging ----
+    logging_steps: int = 10
+    """Log metrics every this many optimizer steps."""
+    log_completions: bool = False
+    """Show a table of sampled prompts, completions and rewards every logging_steps."""
+    num_completions_to_print: int | None = None
+    """Rows in that table; None shows one group."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale_rewards, bool):  # TRL accepts the old boolean form
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]
+        if self.generation_kwargs is not None:
+            self.generation_kwargs = dict(self.generation_kwargs)
+        self._validate()
+
+    # The rules, each raising a message that names the field and what would be accepted.
+    def _validate(self) -> None:
+        _one_of("importance_sampling_level", self.importance_sampling_level, LEVELS)
+        _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _one_of("optim", self.optim, OPTIMIZERS)
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _one_of("backend", self.backend, BACKENDS)
+        _one_of("logprobs_impl", self.logprobs_impl, LOGPROB_IMPLS)
+        _at_least("epsilon", self.epsilon, 0.0)
+        if self.epsilon_high is not None:
+            _at_least("epsilon_high", self.epsilon_high, 0.0)
+        if self.delta is not None and self.delta <= 1 + self.epsilon_hi:
+            raise ValueError(f"delta={self.delta} must be greater than 1 + epsilon_high = {1 + self.epsilon_hi}.")
+        _at_least("beta", self.beta, 0.0)
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}: group-relative advantages need at least 2 completions "
+                "per prompt; set num_generations >= 2."
+            )
+        for name in ("num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "max_completion_length", "logging_steps"):  # fmt: skip
+            _at_least(name, getattr(self, name), 1)
+        if self.max_prompt_length is not None:
+            _at_least("max_prompt_length", self.max_prompt_length, 1)
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise ValueError(
+                "steps_per_generation and generation_batch_size are two ways to say the same thing; set one."
+            )
+        if self.steps_per_generation is not None:
+            _at_least("steps_per_generation", self.steps_per_generation, 1)
+            local = self.per_device_train_batch_size * self.steps_per_generation
+            if local % self.num_generations:
+                raise ValueError(
+                    f"per_device_train_batch_size x steps_per_generation = {local} completions per rank must be a "
+                    f"multiple of num_generations={self.num_generations}, so every prompt's group stays whole on "
+                    "one rank; change one of the three."
+                )
+        elif self.generation_batch_size is not None:
+            _at_least("generation_batch_size", self.generation_batch_size, 1)
+        else:
+            self.steps_per_generation_for(1)  # validates the default: steps_per_generation = accumulation
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (log-probs divide the logits by it).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+        _at_least("top_k", self.top_k, 0)
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1] or None.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 disables it).")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
+        _at_least("adam_epsilon", self.adam_epsilon, 0.0)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1].")
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("max_grad_norm", self.max_grad_norm, 0.0)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps={self.max_steps} must be a positive number of steps, or -1 for epochs.")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1.")
+        if self.reward_weights is not None and not self.reward_weights:
+            raise ValueError("reward_weights is an empty list; give one weight per reward function, or None.")
+
+    @property
+    def epsilon_hi(self) -> float:
+        """The upper clip width in force (epsilon_high, or epsilon when it is None)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def is_off_policy(self) -> bool:
+        """Whether the ratio can differ from 1: several passes, or several optimizer steps per generation."""
+        return self.num_iterations > 1 or self.steps_per_generation_for(1) > self.gradient_accumulation_steps
+
+    def steps_per_generation_for(self, world_size: int) -> int:
+        """Micro-batches per generation batch on each rank, resolving generation_batch_size for ``world_size``."""
+        if self.steps_per_generation is not None:
+            spg = self.steps_per_generation
+        elif self.generation_batch_size is not None:
+            per_step = self.per_device_train_batch_size * world_size
+            if self.generation_batch_size % per_step:
+                raise ValueError(
+                    f"generation_batch_size={self.generation_batch_size} must be divisible by "
+                    f"per_device_train_batch_size x world size = {per_step}."
+                )
+            spg = self.generation_batch_size // per_step
+        else:
+            spg = self.gradient_accumulation_steps
+        local = self.per_device_train_batch_size * spg
+        if local % self.num_generations:
+            raise ValueError(
+                f"each rank generates per_device_train_batch_size x steps_per_generation = {local} completions per "
+                f"generation batch, which must be a multiple of num_generations={self.num_generations} so every "
+                "prompt's group stays whole on one rank; change per_device_train_batch_size, "
+                "gradient_accumulation_steps/steps_per_generation or num_generations."
+            )
+        return spg
+
+    def prompts_per_rank(self, world_size: int = 1) -> int:
+        """Prompts each rank draws per generation batch."""
+        return self.per_device_train_batch_size * self.steps_per_generation_for(world_size) // self.num_generations
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GSPOConfig:
+        """Build from a mapping (a Hydra node, a YAML file), with a clear error for an unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"unknown algorithm field(s): {', '.join(hints)}. The fields are GRPOConfig's names; see "
+                "lightning_gspo.config.GSPOConfig."
+            )
+        return cls(**dict(values))
+
+    @classmethod
+    def from_trl(cls, grpo_config: Any) -> GSPOConfig:
+        """Carry a TRL ``GRPOConfig`` (or its ``to_dict()``) over field for field.
+
+        Fields of ours take TRL's values (``epsilon`` maps to ``epsilon``; TRL's ``epsilon_low`` is the same
+        thing). TRL fields we do not implement are listed in one warning when they differ from TRL's default.
+        """
+        values = grpo_config if isinstance(grpo_config, dict) else grpo_config.to_dict()
+        ours = {f.name: f for f in fields(cls)}
+        taken, skipped = {}, []
+        trl_defaults = _trl_defaults(grpo_config)
+        for key, value in values.items():
+            if key in ours:
+                if key == "generation_batch_size" and values.get("steps_per_generation") is not None:
+                    continue  # TRL fills both in after resolving one; steps_per_generation says it all
+                taken[key] = value
+            elif key not in _TRAINING_ARGS_WE_HANDLE_ELSEWHERE and trl_defaults.get(key, MISSING) != value:
+                skipped.append(f"{key}={value!r}")
+        if skipped:
+            warnings.warn(
+                "GRPOConfig fields lightning-gspo does not implement were skipped: " + ", ".join(sorted(skipped)),
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**taken)
+
+
+# TrainingArguments fields that Lightning's Trainer and loggers own (precision, output_dir, ...): the Trainer
+# config sets them, so they are neither copied nor reported as skipped.
+_TRAINING_ARGS_WE_HANDLE_ELSEWHERE = {
+    "output_dir", "bf16", "fp16", "tf32", "report_to", "logging_dir", "save_steps", "save_strategy",
+    "save_total_limit", "run_name", "push_to_hub", "hub_model_id", "gradient_checkpointing", "local_rank",
+    "logging_strategy", "logging_first_step", "dataloader_num_workers", "overwrite_output_dir", "do_train",
+    "data_seed", "use_cpu", "ddp_backend", "eval_strategy", "do_eval", "per_device_eval_batch_size",
+}  # fmt: skip
+
+
+def _trl_defaults(grpo_config: Any) -> dict[str, Any]:
+    """The values a default-constructed config of the same class has, after its own __post_init__."""
+    if isinstance(grpo_config, dict):
+        return {}
+    try:
+        same_machine = {k: getattr(grpo_config, k) for k in ("output_dir", "use_cpu", "bf16", "fp16")}
+        return type(grpo_config)(**same_machine).to_dict()
+    except Exception:  # a config class that cannot be built bare: fall back to the declared defaults
+        declared = {}
+        for f in fields(type(grpo_config)):
+            if f.default is not MISSING:
+                declared[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                declared[f.name] = f.default_factory()
+        return declared
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}.")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value is None or value < low:
+        raise ValueError(f"{name}={value!r} must be >= {low}.")
+
+
+__all__ = ["GSPOConfig"]
