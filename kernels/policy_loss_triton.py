@@ -17,6 +17,9 @@ algorithm. Choices this implementation makes, and why:
 - Arithmetic is float32 for 16- and 32-bit inputs and float64 for float64 inputs (a constexpr compute dtype),
   so the Function passes ``torch.autograd.gradcheck``. The clip bounds, delta and beta travel as a small
   tensor in the compute dtype, not as kernel scalars (Triton would round Python floats to float32).
+- One gradient departs from autograd's arithmetic, not its value: the bias-corrected KL term's derivative per
+  token is computed as ``rho (logp - ref)``, the exact simplification of ``rho (dk3 + k3)``; autograd's sum of
+  the two products loses every digit when ``exp(ref - logp) * rho`` is large (float32 at gaps of ~20).
 - ``sequence_token`` recomputes ``(log s_i + logp) - logp`` per token, as the reference's stop-gradient
   expression does, so values match to the last bit of the reference's own rounding.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from lightning_gspo.kernels.policy_loss import LossSpec, compute_dtype, finish_metrics
 
 _LEVEL_IDS = {"token": 0, "sequence": 1, "sequence_token": 2}
@@ -41,7 +43,7 @@ _LOSS, _LOW, _HIGH, _REGION, _KL, _LOG_S, _LEN = range(7)
 
 @triton.jit
 def _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
-    """Surrogate ``-min(min(rho, delta) A, clip(rho, lo, hi) A)``, its derivative in rho, and the clip flags."""
+    """Surrogate ``-min(min(rho, delta) A, clip(rho, lo, hi) A)``, its derivative in rho, the clip flags."""
     rho_c = rho
     if HAS_DELTA:
         rho_c = tl.minimum(rho, delta)
@@ -57,8 +59,9 @@ def _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
     d_b = tl.where((rho >= lo) & (rho <= hi), g_b * adv, 0.0)  # closed interval, as torch.clamp
     loss = -tl.minimum(a, b)
     d_rho = -(d_a + d_b)
-    is_low = (rho < lo) & (adv < 0)
-    is_high = (rho > hi) & (adv > 0)
+    # tl.where rather than `&`: Triton's interpreter rejects `&` between a block and a scalar condition.
+    is_low = tl.where(adv < 0, rho < lo, False)
+    is_high = tl.where(adv > 0, rho > hi, False)
     return loss, d_rho, is_low, is_high
 
 
@@ -210,3 +213,263 @@ def _policy_loss_fwd_kernel(
     tl.store(stats_ptr + 4 * B + row, kl_sum)
     tl.store(stats_ptr + 5 * B + row, log_s)
     tl.store(stats_ptr + 6 * B + row, length.to(COMPUTE))
+
+
+@triton.jit
+def _policy_loss_bwd_kernel(
+    logp_ptr,  # (B, T)
+    old_ptr,  # (B, T)
+    ref_ptr,  # (B, T), unused unless HAS_KL
+    mask_ptr,  # (B, T) uint8
+    adv_ptr,  # (B,)
+    param_ptr,  # (4,) lo, hi, delta, beta in the compute dtype
+    stats_ptr,  # (7, B) from the forward
+    scale_ptr,  # (B,) grad_output x the row's aggregation weight
+    grad_ptr,  # (B, T) out, contiguous, logps' dtype
+    B,
+    T,
+    s_lp_b,
+    s_lp_t,
+    s_old_b,
+    s_old_t,
+    s_ref_b,
+    s_ref_t,
+    s_m_b,
+    s_m_t,
+    s_adv,
+    LEVEL: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    BIAS_CORR: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    lo = tl.load(param_ptr)
+    hi = tl.load(param_ptr + 1)
+    delta = tl.load(param_ptr + 2)
+    beta = tl.load(param_ptr + 3)
+    adv = tl.load(adv_ptr + row * s_adv).to(COMPUTE)
+    scale = tl.load(scale_ptr + row)
+    log_s = tl.load(stats_ptr + 5 * B + row)
+    cols = tl.arange(0, BLOCK_T)
+
+    if LEVEL == 1:
+        # Everything through s_i is one number per row: d loss / d log s_i, spread as 1/L over the tokens.
+        length = tl.load(stats_ptr + 6 * B + row)
+        rho = tl.exp(log_s)
+        _, d_rho, _, _ = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+        d_log_s = length * (d_rho * rho)
+        if HAS_KL:
+            if BIAS_CORR:
+                d_log_s += beta * tl.load(stats_ptr + 4 * B + row)  # sum_t kl_t * s_i, saved by the forward
+        g_seq = d_log_s / tl.maximum(length, 1.0)
+        for start in range(0, T, BLOCK_T):
+            offs = start + cols
+            m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+            g = tl.zeros([BLOCK_T], dtype=COMPUTE) + g_seq
+            if HAS_KL:
+                lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+                ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+                _, d_kl = _kl_terms(lp, ref)
+                if BIAS_CORR:
+                    d_kl = d_kl * rho
+                g += beta * d_kl
+            g = tl.where(m, g * scale, 0.0)
+            tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
+    else:
+        for start in range(0, T, BLOCK_T):
+            offs = start + cols
+            m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+            lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+            if LEVEL == 0:
+                old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
+                rho = tl.exp(lp - old)
+            else:
+                rho = tl.exp((log_s + lp) - lp)
+            _, d_rho, _, _ = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+            g = d_rho * rho  # d rho / d logp = rho on both paths (the stop-gradient keeps logp's own path)
+            if HAS_KL:
+                ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+                if BIAS_CORR:
+                    # d(k3 rho)/d logp = rho (dk3 + k3) = rho (logp - ref): exact, where autograd's sum of the
+                    # two products cancels catastrophically once exp(ref - logp) is large.
+                    g += beta * (rho * (lp - ref))
+                else:
+                    _, d_kl = _kl_terms(lp, ref)
+                    g += beta * d_kl
+            g = tl.where(m, g * scale, 0.0)
+            tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _block_t(T: int, dtype: torch.dtype, block_t: int | None) -> int:
+    if block_t is not None:
+        return block_t
+    cap = 1024 if dtype == torch.float64 else 2048
+    return min(max(triton.next_power_of_2(max(T, 1)), 16), cap)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
+def _common_args(logps, old, ref, mask, advantages):
+    ref_ = old if ref is None else ref  # never read when HAS_KL is False; any (B, T) pointer will do
+    return (
+        logps.stride(0), logps.stride(1), old.stride(0), old.stride(1), ref_.stride(0), ref_.stride(1),
+        mask.stride(0), mask.stride(1), advantages.stride(0),
+    )  # fmt: skip
+
+
+def _flags(spec: LossSpec, dtype: torch.dtype) -> dict:
+    return {
+        "LEVEL": _LEVEL_IDS[spec.level],
+        "HAS_DELTA": spec.delta is not None,
+        "HAS_KL": spec.beta != 0,
+        "BIAS_CORR": spec.use_bias_correction_kl,
+        "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
+
+
+def _params(spec: LossSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    delta = spec.delta if spec.delta is not None else 0.0
+    values = [1 - spec.epsilon_low, 1 + spec.epsilon_high, delta, spec.beta]
+    return torch.tensor(values, dtype=dtype, device=device)  # (4,)
+
+
+def policy_loss_forward(
+    logps: torch.Tensor,  # (B, T)
+    old: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B,)
+    mask: torch.Tensor,  # (B, T) bool
+    ref: torch.Tensor | None,  # (B, T)
+    spec: LossSpec,
+    params: torch.Tensor,  # (4,) from _params
+    block_t: int | None = None,
+) -> torch.Tensor:
+    """Per-row statistics (7, B) in the compute dtype: loss sum, low, high, region, kl sum, log s, length."""
+    B, T = logps.shape
+    dtype = params.dtype
+    stats = torch.zeros((7, B), dtype=dtype, device=logps.device)
+    if B == 0:
+        return stats
+    mask_u8 = mask.view(torch.uint8)
+    block = _block_t(T, dtype, block_t)
+    _policy_loss_fwd_kernel[(B,)](
+        logps, old, old if ref is None else ref, mask_u8, advantages, params, stats,
+        B, T, *_common_args(logps, old, ref, mask_u8, advantages),
+        **_flags(spec, dtype), BLOCK_T=block, num_warps=_num_warps(block),
+    )  # fmt: skip
+    return stats
+
+
+def policy_loss_backward(
+    logps: torch.Tensor,  # (B, T)
+    old: torch.Tensor,  # (B, T)
+    advantages: torch.Tensor,  # (B,)
+    mask: torch.Tensor,  # (B, T) bool
+    ref: torch.Tensor | None,  # (B, T)
+    spec: LossSpec,
+    params: torch.Tensor,  # (4,)
+    stats: torch.Tensor,  # (7, B) from policy_loss_forward
+    scale: torch.Tensor,  # (B,) grad_output x row weight, compute dtype
+    block_t: int | None = None,
+) -> torch.Tensor:
+    """d loss / d logps (B, T), contiguous, in logps' dtype; zero at padded positions."""
+    B, T = logps.shape
+    grad = torch.empty((B, T), dtype=logps.dtype, device=logps.device)
+    if B == 0 or T == 0:
+        return grad
+    mask_u8 = mask.view(torch.uint8)
+    dtype = params.dtype
+    block = _block_t(T, dtype, block_t)
+    _policy_loss_bwd_kernel[(B,)](
+        logps, old, old if ref is None else ref, mask_u8, advantages, params, stats, scale, grad,
+        B, T, *_common_args(logps, old, ref, mask_u8, advantages),
+        **_flags(spec, dtype), BLOCK_T=block, num_warps=_num_warps(block),
+    )  # fmt: skip
+    return grad
+
+
+def row_weights(
+    lengths: torch.Tensor,  # (B,) scored tokens per row, compute dtype
+    spec: LossSpec,
+    normaliser: torch.Tensor | None,  # () dapo's token count
+) -> torch.Tensor:
+    """The weight (B,) of each row's masked loss sum in the scalar loss, as ``aggregate`` reduces."""
+    B = lengths.shape[0]
+    ones = torch.ones_like(lengths)
+    if spec.loss_type == "grpo":
+        return ones / (lengths.clamp(min=1) * max(B, 1))
+    if spec.loss_type == "bnpo":
+        return ones / lengths.sum().clamp(min=1)
+    if spec.loss_type == "dr_grpo":
+        return ones / (B * spec.max_completion_length)
+    return ones / normaliser.clamp(min=1.0).to(lengths.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd Function and entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TritonPolicyLoss(torch.autograd.Function):
+    """Scalar loss and per-row statistics (7, B; not differentiable); the gradient flows to logps only."""
+
+    @staticmethod
+    def forward(ctx, logps, old, advantages, mask, ref, spec: LossSpec, normaliser, block_t=None):
+        dtype = compute_dtype(logps.dtype)
+        params = _params(spec, dtype, logps.device)
+        stats = policy_loss_forward(logps, old, advantages, mask, ref, spec, params, block_t)
+        weights = row_weights(stats[_LEN], spec, normaliser)  # (B,)
+        loss = (stats[_LOSS] * weights).sum()
+        ctx.save_for_backward(logps, old, advantages, mask, ref, params, stats, weights)
+        ctx.spec = spec
+        ctx.block_t = block_t
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        logps, old, advantages, mask, ref, params, stats, weights = ctx.saved_tensors
+        scale = weights * grad_loss.to(weights.dtype)  # (B,)
+        grad = policy_loss_backward(
+            logps, old, advantages, mask, ref, ctx.spec, params, stats, scale, ctx.block_t
+        )
+        return grad, None, None, None, None, None, None, None
+
+
+def triton_policy_loss(
+    logps: torch.Tensor,  # (B, T) carries the gradient
+    old: torch.Tensor,  # (B, T) detached
+    advantages: torch.Tensor,  # (B,)
+    mask: torch.Tensor,  # (B, T) bool
+    ref: torch.Tensor | None,  # (B, T), None when beta == 0
+    spec: LossSpec,
+    normaliser: torch.Tensor | None,  # () float32 for dapo, else None
+    block_t: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Same arguments, values, gradient and metrics as ``torch_policy_loss``, on the Triton kernels."""
+    for name, t in (("per_token_logps", logps), ("old_per_token_logps", old), ("ref_per_token_logps", ref)):
+        if t is not None and t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"the Triton policy loss takes float16/bfloat16/float32/float64 {name}, got {t.dtype}."
+            )
+    if not advantages.is_floating_point():
+        raise ValueError(f"advantages must be a floating tensor, got {advantages.dtype}.")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"completion_mask must be bool here (policy_loss converts it), got {mask.dtype}.")
+    if spec.beta != 0 and ref is None:
+        raise ValueError("beta > 0 needs ref_per_token_logps.")
+    if spec.loss_type == "dapo" and normaliser is None:
+        raise ValueError("loss_type='dapo' needs the normaliser (the step's token count).")
+    ref = ref if spec.beta != 0 else None
+    loss, stats = TritonPolicyLoss.apply(logps, old, advantages, mask, ref, spec, normaliser, block_t)
+    kl_sum = stats[_KL] if spec.beta != 0 else None
+    metrics = finish_metrics(stats[_LOW], stats[_HIGH], stats[_REGION], kl_sum, stats[_LEN], spec.level)
+    return loss, metrics
