@@ -3,6 +3,7 @@
 Installed as ``lightning_gspo.kernels``. Imports only torch and triton, so it can be used without Lightning.
 """
 
+from lightning_gspo.kernels.logprobs import selective_logprobs
 from lightning_gspo.kernels.policy_loss import policy_loss
 
-__all__ = ["policy_loss"]
+__all__ = ["policy_loss", "selective_logprobs"]

@@ -1,0 +1,411 @@
+"""Per-token log-probs (and entropy) of ``hidden @ weight.T``, without ever holding the (N, V) logits.
+
+``selective_logprobs(hidden, weight, token_ids)`` returns ``log_softmax((hidden @ weight.T + bias) / T)`` at
+the target of each row, in float32. Choices it makes, and why:
+
+- The logits are visited one tile (a block of rows x a block of vocabulary columns) at a time. The forward
+  keeps per row only an online logsumexp (running max ``m``, ``s = sum exp(z - m)``), the target logit and,
+  for the entropy, ``c = sum exp(z - m) (z - m)`` (kept relative to the running max, so
+  ``entropy = log s - c / s`` needs no cancellation of two large numbers). Memory: O(tile + N), never O(N V).
+- The bias is added before the temperature division: ``logits = (hidden @ W.T + bias) / temperature``, the
+  order in which a model's head and a sampler apply them.
+- The backward recomputes each tile from the saved logsumexp. ``dz = g (onehot - p) / T`` for the log-prob and
+  ``dz = -g_H p (log p + H) / T`` for the entropy (so entropy returned and used in a loss gets its true
+  gradient), then ``dhidden = dz @ W`` and ``dW = dz.T @ hidden``, accumulated in float32.
+- Gradient sparsity: rows whose incoming gradient (log-prob, and entropy if any) is exactly zero cost nothing
+  in the backward. One ``nonzero`` on the incoming gradient selects the live rows; only those are gathered and
+  recomputed. In GRPO/GSPO with beta = 0 every row of a zero-advantage group, every padded row and every row
+  of a clipped sequence arrives with an exact zero, often most of the batch.
+- A frozen head (``weight.requires_grad`` False, e.g. LoRA) costs no weight-gradient work: 6NHV instead of
+  8NHV.
+- The backward tiles the vocabulary in its outer loop over all live rows at once, so each slice of ``dW`` is
+  written by one matrix product with a long inner dimension (no float32 accumulator of the whole head when the
+  live rows fit in one row block), and only the (rows, H) hidden gradient is accumulated across tiles.
+- Arithmetic is float32 whatever the input dtype (float64 stays float64, for gradcheck). On the CPU, bfloat16
+  tiles are upcast before the product (CPU matmuls cannot write float32 from bfloat16); on CUDA the product
+  accumulates and writes float32 directly where torch supports ``out_dtype``.
+
+Two implementations share the autograd Function below: PyTorch tiles (CPU, and CUDA with ``backend="torch"``)
+and Triton kernels in ``logprobs_triton.py`` (CUDA, or the interpreter with ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning_gspo.kernels.policy_loss import resolve_backend
+
+# A tile holds at most this many logits unless ``chunk_size`` says otherwise: 64 MB of float32 on the CPU,
+# 128 Mi logits (256 MB of bfloat16 gradient tile) on CUDA, where bigger products keep the tensor cores busy.
+DEFAULT_TILE_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 27}
+# The narrowest vocabulary block a tile is given before rows are split into several blocks; as many rows as
+# possible share a tile so that each slice of the weight gradient is one long product.
+MIN_VOCAB_BLOCK = 2048
+
+
+def _tile_plan(n_rows: int, vocab: int, tile_logits: int) -> tuple[int, int]:
+    """(rows per block, vocabulary columns per block) for a tile of at most ``tile_logits`` logits."""
+    rows = max(1, min(n_rows, tile_logits // min(MIN_VOCAB_BLOCK, vocab)))
+    cols = max(1, min(vocab, tile_logits // rows))
+    if cols >= 128 and cols < vocab:
+        cols -= cols % 128  # whole cache lines and matmul tiles
+    return rows, cols
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` written in ``acc_dtype``: no rounding of the product to bfloat16 first."""
+    if a.dtype == acc_dtype:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=acc_dtype)
+        except (TypeError, RuntimeError):
+            pass
+    return a.to(acc_dtype) @ b.to(acc_dtype)
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in float32/64 and ``a``, ``b`` possibly bfloat16."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch tiles
+# ----------------------------------------------------------------------------------------------------
+
+
+def _operand(x: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    # CPU matmuls of bfloat16/float16 write the same dtype; upcast so the logits are not rounded.
+    return x if x.is_cuda else x.to(acc_dtype)
+
+
+def _logits_tile(h, w, b, inv_t, acc_dtype):
+    """(r, v) logits in ``acc_dtype`` of rows ``h`` (r, H) against head rows ``w`` (v, H)."""
+    z = _mm_f32(h, w.t(), acc_dtype)
+    if b is not None:
+        z.add_(b.to(acc_dtype))
+    return z.mul_(inv_t)
+
+
+def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_logits):
+    """Per-row (logsumexp, target logit, entropy or None), one tile at a time."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    target = torch.empty(n, dtype=acc, device=hidden.device)
+    entropy = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
+    rows, cols = _tile_plan(n, vocab, tile_logits)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        h = _operand(hidden[r0:r1], acc)  # (r, H)
+        t = token_ids[r0:r1]  # (r,)
+        m = torch.full((r1 - r0,), -math.inf, dtype=acc, device=hidden.device)
+        s = torch.zeros_like(m)
+        c = torch.zeros_like(m)
+        tz = torch.zeros_like(m)
+        for v0 in range(0, vocab, cols):
+            v1 = min(v0 + cols, vocab)
+            z = _logits_tile(
+                h, _operand(weight[v0:v1], acc), None if bias is None else bias[v0:v1], inv_t, acc
+            )
+            local = t - v0
+            hit = (local >= 0) & (local < v1 - v0)
+            tz += torch.where(hit, z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0)
+            m_new = torch.maximum(m, z.amax(1))
+            alpha = torch.exp(m - m_new)
+            z.sub_(m_new[:, None])  # z - m_new, in place
+            e = torch.exp(z)
+            if with_entropy:
+                shift = torch.where(s > 0, m - m_new, 0)  # s = 0 before the first tile, where m = -inf
+                c = alpha * (c + s * shift) + torch.linalg.vecdot(e, z)
+            s = alpha * s + e.sum(1)
+            m = m_new
+            del z, e
+        log_s = torch.log(s)
+        lse[r0:r1] = m + log_s
+        target[r0:r1] = tz
+        if with_entropy:
+            entropy[r0:r1] = log_s - c / s
+    return lse, target, entropy
+
+
+def _dlogits_torch(h, w, b, targets, v0, lse, entropy, g, g_ent, inv_t, acc_dtype):
+    """Gradient of the loss w.r.t. one recomputed logits tile, (r, v) in ``acc_dtype``.
+
+    h (r, H), w (v, H) the head rows [v0, v0 + v), b (v,) or None, targets/lse/entropy/g/g_ent (r,)
+    (entropy and g_ent None when the entropy carries no gradient; g None when the log-probs carry none).
+    """
+    logp = _logits_tile(h, w, b, inv_t, acc_dtype).sub_(lse[:, None])  # log p
+    p = torch.exp(logp)
+    if g_ent is not None:
+        # -p (g + g_H (log p + H)), the log-prob and entropy terms together
+        q = logp.add_(entropy[:, None]).mul_(g_ent[:, None])
+        if g is not None:
+            q.add_(g[:, None])
+        dz = q.mul_(p).neg_()
+    else:
+        dz = p.mul_(-g[:, None])
+    if g is not None:
+        local = targets - v0
+        hit = ((local >= 0) & (local < dz.shape[1])).nonzero().squeeze(1)
+        dz[hit, local[hit]] += g[hit]
+    return dz.mul_(inv_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared backward driver: live rows only, vocabulary-outer tiles, float32 accumulation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _weight_grad_tile(
+    grad_w_slice: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, accumulate: bool
+) -> None:
+    """``grad_w_slice (v, H) (+)= dz.T (v, r) @ h (r, H)``: the head's share of one tile."""
+    if accumulate:
+        _addmm_(grad_w_slice, dz.t(), h)
+    elif dz.dtype == h.dtype == grad_w_slice.dtype:
+        torch.mm(dz.t(), h, out=grad_w_slice)  # one rounding, from the matmul's float32 accumulator
+    else:
+        grad_w_slice.copy_(_mm_f32(dz.t(), h, _acc_dtype(grad_w_slice.dtype)))
+
+
+def _backward(ctx, grad_logps, grad_entropy):
+    hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if not ctx.with_entropy:
+        grad_entropy = None
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_b = torch.zeros_like(bias) if need_b else None
+
+    live = None
+    if grad_logps is not None:
+        live = grad_logps != 0
+    if grad_entropy is not None:
+        live = grad_entropy != 0 if live is None else live | (grad_entropy != 0)
+    if live is None or n == 0 or not (need_h or need_w or need_b):
+        return grad_h, grad_w, grad_b
+    rows = live.nonzero().squeeze(1)  # the one sync of the backward
+    m = rows.numel()
+    if m == 0:
+        return grad_h, grad_w, grad_b
+
+    h_sel = hidden.index_select(0, rows)  # (M, H)
+    t_sel = token_ids.index_select(0, rows)
+    lse_sel = lse.index_select(0, rows)
+    g = None if grad_logps is None else grad_logps.index_select(0, rows).to(acc)
+    g_ent = None if grad_entropy is None else grad_entropy.index_select(0, rows).to(acc)
+    ent_sel = None if g_ent is None else entropy.index_select(0, rows)
+
+    rows_per_block, cols = _tile_plan(m, vocab, ctx.tile_logits)
+    one_row_block = rows_per_block >= m
+    one_col_block = cols >= vocab
+    dh = torch.zeros(m, hdim, dtype=acc, device=hidden.device) if need_h and not one_col_block else None
+    # One row block writes each head slice once; several accumulate, in float32 when the head is not.
+    w_acc = grad_w if need_w and (one_row_block or weight.dtype == acc) else None
+    if need_w and w_acc is None:
+        w_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    b_acc = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
+
+    use_triton = ctx.backend == "triton"
+    if use_triton:
+        from lightning_gspo.kernels import logprobs_triton
+    else:
+        h_sel = _operand(h_sel, acc)
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        w_tile = weight[v0:v1]  # (v, H)
+        b_tile = None if bias is None else bias[v0:v1]
+        w_op = w_tile if use_triton else _operand(w_tile, acc)
+        for r0 in range(0, m, rows_per_block):
+            r1 = min(r0 + rows_per_block, m)
+            h_blk = h_sel[r0:r1]
+            part = slice(r0, r1)
+            ent_blk = None if ent_sel is None else ent_sel[part]
+            g_blk = None if g is None else g[part]
+            ge_blk = None if g_ent is None else g_ent[part]
+            if use_triton:
+                dz = logprobs_triton.dlogits(
+                    h_blk, w_tile, b_tile, t_sel[part], v0, lse_sel[part], ent_blk, g_blk, ge_blk, ctx.inv_t
+                )
+            else:
+                dz = _dlogits_torch(
+                    h_blk,
+                    w_op,
+                    b_tile,
+                    t_sel[part],
+                    v0,
+                    lse_sel[part],
+                    ent_blk,
+                    g_blk,
+                    ge_blk,
+                    ctx.inv_t,
+                    acc,
+                )
+            if need_b:
+                b_acc[v0:v1] += dz.sum(0, dtype=acc)
+            if dz.is_cuda and dz.dtype != hidden.dtype:
+                dz = dz.to(hidden.dtype)  # tensor-core products; float32 accumulation below
+            if need_h:
+                if dh is None:
+                    grad_h.index_copy_(0, rows[part], _mm_f32(dz, w_op, acc).to(hidden.dtype))
+                else:
+                    _addmm_(dh[part], dz, w_op)
+            if need_w:
+                _weight_grad_tile(w_acc[v0:v1], dz, h_blk, accumulate=not one_row_block)
+            del dz
+    if dh is not None:
+        grad_h.index_copy_(0, rows, dh.to(hidden.dtype))
+    if need_w and w_acc is not grad_w:
+        grad_w.copy_(w_acc)
+    if need_b:
+        grad_b.copy_(b_acc)
+    return grad_h, grad_w, grad_b
+
+
+class SelectiveLogprobsFunction(torch.autograd.Function):
+    """Log-probs (and optionally entropy) of the targets under ``softmax((hidden @ weight.T + bias) / T)``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_ids, temperature, with_entropy, backend, tile_logits):
+        # hidden (N, H), weight (V, H), bias (V,) or None, token_ids (N,) int64
+        ctx.set_materialize_grads(False)
+        inv_t = 1.0 / temperature
+        if backend == "triton":
+            from lightning_gspo.kernels import logprobs_triton
+
+            lse, target, entropy = logprobs_triton.forward_stats(
+                hidden, weight, bias, token_ids, inv_t, with_entropy
+            )
+        else:
+            lse, target, entropy = _forward_torch(
+                hidden, weight, bias, token_ids, inv_t, with_entropy, tile_logits
+            )
+        ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
+        ctx.inv_t = inv_t
+        ctx.with_entropy = with_entropy
+        ctx.backend = backend
+        ctx.tile_logits = tile_logits
+        out_dtype = _acc_dtype(hidden.dtype)
+        logps = (target - lse).to(out_dtype)
+        if entropy is None:
+            ent_out = logps.new_empty(0)
+            ctx.mark_non_differentiable(ent_out)
+        else:
+            ent_out = entropy.to(out_dtype)
+        return logps, ent_out
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        grad_h, grad_w, grad_b = _backward(ctx, grad_logps, grad_entropy)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a (N, H) tensor, got shape {tuple(getattr(hidden, 'shape', ()))}.")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating tensor, got {hidden.dtype}.")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a (V, H) tensor, got shape {tuple(getattr(weight, 'shape', ()))}.")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight has hidden size {weight.shape[1]} (shape {tuple(weight.shape)}); hidden has "
+            f"{hidden.shape[1]} (shape {tuple(hidden.shape)}). weight must be (V, H)."
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}.")
+    if weight.device != hidden.device:
+        raise ValueError(
+            f"weight is on {weight.device} and hidden on {hidden.device}; they must share a device."
+        )
+    if not isinstance(token_ids, torch.Tensor) or token_ids.shape != (hidden.shape[0],):
+        raise ValueError(
+            f"token_ids must be (N,) = ({hidden.shape[0]},), one per row of hidden; got shape "
+            f"{tuple(getattr(token_ids, 'shape', ()))}."
+        )
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_ids must be an int64 (or int32) tensor, got {token_ids.dtype}.")
+    if token_ids.device != hidden.device:
+        raise ValueError(f"token_ids is on {token_ids.device} and hidden on {hidden.device}.")
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight has no rows: the vocabulary is empty.")
+    if token_ids.numel() > 0:
+        lo, hi = (int(x) for x in torch.aminmax(token_ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"token_ids must lie in [0, {vocab}) (the rows of weight); found min {lo}, max {hi}."
+            )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}.")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (vocab,):
+            raise ValueError(
+                f"bias must be (V,) = ({vocab},), one per row of weight; got shape "
+                f"{tuple(getattr(bias, 'shape', ()))}."
+            )
+        if not bias.is_floating_point() or bias.device != hidden.device:
+            raise ValueError(
+                f"bias must be a floating tensor on {hidden.device}, got {bias.dtype} on {bias.device}."
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int (logits per tile) or None, got {chunk_size!r}.")
+
+
+def selective_logprobs(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H) the lm_head weight
+    token_ids: torch.Tensor,  # (N,) int64, each in [0, V)
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,  # (V,)
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of ``token_ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Returns the log-probs (N,) in float32 (float64 for float64 inputs), or ``(logps, entropy)`` when
+    ``return_entropy`` is True; both carry exact gradients to ``hidden``, ``weight`` (only when it requires
+    grad) and ``bias``. The (N, V) logits are never held: memory is one tile of at most ``chunk_size`` logits
+    (default: 2**24 on the CPU, 2**27 on CUDA) plus O(N) per-row statistics.
+
+    ``backend``: ``"torch"`` (tiles of PyTorch matmuls), ``"triton"`` (fused Triton kernels, CUDA or
+    ``TRITON_INTERPRET=1``; ``chunk_size`` then bounds only the backward's tiles) or ``"auto"`` (Triton on
+    CUDA, PyTorch elsewhere and for float64).
+    """
+    _validate(hidden, weight, token_ids, temperature, bias, chunk_size)
+    if backend == "auto" and hidden.dtype == torch.float64:
+        backend = "torch"
+    which = resolve_backend(backend, hidden.device)
+    if which == "triton" and hidden.dtype == torch.float64:
+        raise ValueError(
+            "backend='triton' takes bfloat16, float16 or float32 inputs; use backend='torch' for float64."
+        )
+    tile_logits = chunk_size or DEFAULT_TILE_LOGITS["cuda" if hidden.is_cuda else "cpu"]
+    logps, entropy = SelectiveLogprobsFunction.apply(
+        hidden, weight, bias, token_ids.long(), float(temperature), bool(return_entropy), which, tile_logits
+    )
+    return (logps, entropy) if return_entropy else logps

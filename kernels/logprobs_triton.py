@@ -1,0 +1,359 @@
+"""Triton kernels for ``selective_logprobs``: a fused forward and a fused gradient-of-logits tile.
+
+Choices, and why:
+
+- Forward (Cut-Cross-Entropy style): each program owns a block of rows and a contiguous range of the
+  vocabulary. It forms each (BLOCK_N, BLOCK_V) logits tile with ``tl.dot`` over the hidden size, in registers,
+  and folds it at once into an online logsumexp (running max, sum of exponentials), the target logit and, for
+  the entropy, the sum of ``exp(z - m) (z - m)``. The logits never reach memory. The vocabulary is split
+  across programs so a few thousand rows still fill the GPU; the per-split partials (a few floats per row and
+  split) are merged in PyTorch, which costs O(N x splits).
+- Backward (hybrid): a kernel recomputes a tile of logits with ``tl.dot``, turns it into the gradient of the
+  logits (``g (onehot - p) / T``, plus the entropy term) and writes that tile once, in the input dtype. The
+  two gradient products ``dz @ W`` and ``dz.T @ h`` then run in cuBLAS on the tile: a fused Triton kernel
+  would have to add each tile's (BLOCK_N, H) and (BLOCK_V, H) partial gradients atomically, and at H = 4096
+  those atomics cost more than the one extra write and two reads of the tile (6 bytes per logit against 6H
+  FLOPs). The caller (``logprobs.py``) picks the live rows and the tile, so gradient sparsity and the frozen
+  head are handled there for both backends.
+- float32 inputs use IEEE products (no TF32), to agree with PyTorch's default float32 matmul.
+- Under the interpreter (CPU tests) 16-bit operands are widened to float32 before ``tl.dot``: Triton 3.9's
+  interpreter reads bfloat16 dot operands as raw integers and returns garbage.
+
+Layout follows the house style: ``@triton.jit`` kernels, then the launch functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    H,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_V) float32 tile of h[rows] @ w[cols].T, accumulated over H in BLOCK_H steps."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        a = tl.load(
+            h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
+            mask=col_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _forward_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    t_ptr,
+    m_ptr,
+    s_ptr,
+    c_ptr,
+    tz_ptr,
+    N,
+    V,
+    H,
+    cols_per_split,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    target = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tz = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = split * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_end
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            H,
+            stride_hn,
+            stride_hk,
+            stride_wv,
+            stride_wk,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
+        tz += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+        e = tl.exp(d)
+        e = tl.where(col_mask[None, :], e, 0.0)
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
+            c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = split * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(tz_ptr + out, tz, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(c_ptr + out, c, mask=row_mask)
+
+
+@triton.jit
+def _dlogits_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    t_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_ptr,
+    ge_ptr,
+    dz_ptr,
+    R,
+    VT,
+    H,
+    v0,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    stride_dz,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # w_ptr points at head row v0; cols are local to the tile [0, VT)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_mask = rows < R
+    col_mask = cols < VT
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        H,
+        stride_hn,
+        stride_hk,
+        stride_wv,
+        stride_wk,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+        DOT_PRECISION,
+        UPCAST_DOT,
+    )
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    logp = z * inv_t - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if HAS_G:
+        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+        target = tl.load(t_ptr + rows, mask=row_mask, other=-1) - v0
+        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        dz += g[:, None] * (onehot - p)
+    if HAS_GE:
+        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        dz -= ge[:, None] * p * (logp + ent[:, None])
+    dz = dz * inv_t
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dz + cols[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _config(device: torch.device, dtype: torch.dtype) -> dict:
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+    if device.type != "cuda":
+        # The interpreter: small blocks keep the CPU tests quick and still cover masking. Its tl.dot mistakes
+        # bfloat16 operands for raw integers (Triton 3.9), so 16-bit operands are widened to float32 there.
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, DOT_PRECISION=precision, UPCAST_DOT=True)
+    cfg = dict(DOT_PRECISION=precision, UPCAST_DOT=False, num_stages=3)
+    if dtype == torch.float32:
+        return dict(cfg, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4)
+    return dict(cfg, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
+
+
+def _num_splits(device: torch.device, n_row_blocks: int, n_col_blocks: int) -> int:
+    if device.type != "cuda":
+        return min(2, n_col_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_col_blocks, triton.cdiv(2 * sms, n_row_blocks)))
+
+
+def forward_stats(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+    token_ids: torch.Tensor,  # (N,) int64
+    inv_t: float,
+    with_entropy: bool,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row float32 (logsumexp, target logit, entropy or None) of ``(hidden @ W.T + bias) * inv_t``."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = _config(hidden.device, hidden.dtype)
+    if n == 0:
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return empty, empty.clone(), empty.clone() if with_entropy else None
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    col_blocks = triton.cdiv(vocab, cfg["BLOCK_V"])
+    splits = splits or _num_splits(hidden.device, row_blocks, col_blocks)
+    # Whole BLOCK_V tiles per split, and no empty split (an empty one would hold m = -inf, s = 0).
+    cols_per_split = triton.cdiv(col_blocks, splits) * cfg["BLOCK_V"]
+    splits = triton.cdiv(vocab, cols_per_split)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
+    m, s, c, tz = part.unbind(0)
+    _forward_kernel[(row_blocks, splits)](
+        hidden,
+        weight,
+        hidden if bias is None else bias,
+        token_ids,
+        m,
+        s,
+        c,
+        tz,
+        n,
+        vocab,
+        hdim,
+        cols_per_split,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        float(inv_t),
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=with_entropy,
+        **cfg,
+    )
+    top = m.amax(0)  # (N,)
+    scale = torch.exp(m - top)  # (splits, N)
+    total = (s * scale).sum(0)
+    log_total = torch.log(total)
+    lse = top + log_total
+    target = tz.sum(0)
+    entropy = None
+    if with_entropy:
+        c_top = torch.where(
+            s > 0, scale * (c + s * (m - top)), 0.0
+        )  # each split's c relative to the global max
+        entropy = log_total - c_top.sum(0) / total
+    return lse, target, entropy
+
+
+def dlogits(
+    h: torch.Tensor,  # (R, H) live rows
+    w: torch.Tensor,  # (VT, H) head rows [v0, v0 + VT)
+    b: torch.Tensor | None,  # (VT,)
+    targets: torch.Tensor,  # (R,) int64, global ids
+    v0: int,
+    lse: torch.Tensor,  # (R,) float32
+    entropy: torch.Tensor | None,  # (R,) float32, needed with g_ent
+    g: torch.Tensor | None,  # (R,) float32 incoming gradient of the log-probs
+    g_ent: torch.Tensor | None,  # (R,) float32 incoming gradient of the entropy
+    inv_t: float,
+) -> torch.Tensor:
+    """The gradient w.r.t. the logits tile (R, VT), in ``h``'s dtype, recomputed from the saved logsumexp."""
+    r, hdim = h.shape
+    vt = w.shape[0]
+    cfg = _config(h.device, h.dtype)
+    dz = torch.empty(r, vt, dtype=h.dtype, device=h.device)
+    dummy = lse
+    grid = (triton.cdiv(r, cfg["BLOCK_N"]), triton.cdiv(vt, cfg["BLOCK_V"]))
+    _dlogits_kernel[grid](
+        h,
+        w,
+        h if b is None else b,
+        targets,
+        lse,
+        dummy if entropy is None else entropy,
+        dummy if g is None else g,
+        dummy if g_ent is None else g_ent,
+        dz,
+        r,
+        vt,
+        hdim,
+        v0,
+        h.stride(0),
+        h.stride(1),
+        w.stride(0),
+        w.stride(1),
+        dz.stride(0),
+        float(inv_t),
+        HAS_BIAS=b is not None,
+        HAS_G=g is not None,
+        HAS_GE=g_ent is not None,
+        **cfg,
+    )
+    return dz
