@@ -47,9 +47,13 @@ def group_advantages(
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards={scale_rewards!r} is not one of 'group', 'batch', 'none'.")
     rewards_per_func = rewards_per_func.float()
-    weights = torch.ones(r) if reward_weights is None else torch.as_tensor(reward_weights, dtype=torch.float32)
+    weights = (
+        torch.ones(r) if reward_weights is None else torch.as_tensor(reward_weights, dtype=torch.float32)
+    )
     if weights.shape != (r,):
-        raise ValueError(f"reward_weights has {weights.numel()} entries for {r} reward functions; give one each.")
+        raise ValueError(
+            f"reward_weights has {weights.numel()} entries for {r} reward functions; give one each."
+        )
     weights = weights.to(rewards_per_func.device)
     names = reward_names or [f"reward_{i}" for i in range(r)]
 

@@ -150,15 +150,22 @@ class GSPOConfig:
         if self.epsilon_high is not None:
             _at_least("epsilon_high", self.epsilon_high, 0.0)
         if self.delta is not None and self.delta <= 1 + self.epsilon_hi:
-            raise ValueError(f"delta={self.delta} must be greater than 1 + epsilon_high = {1 + self.epsilon_hi}.")
+            raise ValueError(
+                f"delta={self.delta} must be greater than 1 + epsilon_high = {1 + self.epsilon_hi}."
+            )
         _at_least("beta", self.beta, 0.0)
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: group-relative advantages need at least 2 completions "
                 "per prompt; set num_generations >= 2."
             )
-        for name in ("num_iterations", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "max_completion_length", "logging_steps"):  # fmt: skip
+        for name in (
+            "num_iterations",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_completion_length",
+            "logging_steps",
+        ):
             _at_least(name, getattr(self, name), 1)
         if self.max_prompt_length is not None:
             _at_least("max_prompt_length", self.max_prompt_length, 1)
@@ -180,7 +187,9 @@ class GSPOConfig:
         else:
             self.steps_per_generation_for(1)  # validates the default: steps_per_generation = accumulation
         if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (log-probs divide the logits by it).")
+            raise ValueError(
+                f"temperature={self.temperature} must be > 0 (log-probs divide the logits by it)."
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
         _at_least("top_k", self.top_k, 0)
@@ -200,7 +209,9 @@ class GSPOConfig:
         _at_least("warmup_steps", self.warmup_steps, 0)
         _at_least("max_grad_norm", self.max_grad_norm, 0.0)
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps={self.max_steps} must be a positive number of steps, or -1 for epochs.")
+            raise ValueError(
+                f"max_steps={self.max_steps} must be a positive number of steps, or -1 for epochs."
+            )
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1.")
         if self.reward_weights is not None and not self.reward_weights:
@@ -242,7 +253,11 @@ class GSPOConfig:
 
     def prompts_per_rank(self, world_size: int = 1) -> int:
         """Prompts each rank draws per generation batch."""
-        return self.per_device_train_batch_size * self.steps_per_generation_for(world_size) // self.num_generations
+        return (
+            self.per_device_train_batch_size
+            * self.steps_per_generation_for(world_size)
+            // self.num_generations
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,7 +298,8 @@ class GSPOConfig:
                 skipped.append(f"{key}={value!r}")
         if skipped:
             warnings.warn(
-                "GRPOConfig fields lightning-gspo does not implement were skipped: " + ", ".join(sorted(skipped)),
+                "GRPOConfig fields lightning-gspo does not implement were skipped: "
+                + ", ".join(sorted(skipped)),
                 UserWarning,
                 stacklevel=2,
             )
@@ -293,11 +309,32 @@ class GSPOConfig:
 # TrainingArguments fields that Lightning's Trainer and loggers own (precision, output_dir, ...): the Trainer
 # config sets them, so they are neither copied nor reported as skipped.
 _TRAINING_ARGS_WE_HANDLE_ELSEWHERE = {
-    "output_dir", "bf16", "fp16", "tf32", "report_to", "logging_dir", "save_steps", "save_strategy",
-    "save_total_limit", "run_name", "push_to_hub", "hub_model_id", "gradient_checkpointing", "local_rank",
-    "logging_strategy", "logging_first_step", "dataloader_num_workers", "overwrite_output_dir", "do_train",
-    "data_seed", "use_cpu", "ddp_backend", "eval_strategy", "do_eval", "per_device_eval_batch_size",
-}  # fmt: skip
+    "output_dir",
+    "bf16",
+    "fp16",
+    "tf32",
+    "report_to",
+    "logging_dir",
+    "save_steps",
+    "save_strategy",
+    "save_total_limit",
+    "run_name",
+    "push_to_hub",
+    "hub_model_id",
+    "gradient_checkpointing",
+    "local_rank",
+    "logging_strategy",
+    "logging_first_step",
+    "dataloader_num_workers",
+    "overwrite_output_dir",
+    "do_train",
+    "data_seed",
+    "use_cpu",
+    "ddp_backend",
+    "eval_strategy",
+    "do_eval",
+    "per_device_eval_batch_size",
+}
 
 
 def _trl_defaults(grpo_config: Any) -> dict[str, Any]:

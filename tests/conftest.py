@@ -22,3 +22,30 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny digits model written once per session as a Hugging Face directory."""
+    from lightning_gspo.models import build_tiny_model
+
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "model",
+        "digits",
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_ascii_dir(tmp_path_factory):
+    from lightning_gspo.models import build_tiny_model
+
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny_ascii") / "model",
+        "ascii",
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+    )

@@ -1,0 +1,225 @@
+"""Prompt groups for GRPO/GSPO: which prompts each rank draws, in what order, and how often each batch is reused.
+
+Every training step of ``GSPOModule`` is one micro-batch, so the loader yields each generation batch of prompts
+``num_iterations x steps_per_generation`` times in a row (TRL's repeat-sampler idea): the module generates on the
+first and reuses the rollout for the rest. Under DDP every rank takes its own prompts, so a prompt's whole group
+of completions lives on one rank. The order is a seeded permutation per epoch, so runs repeat exactly and a
+resumed run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_gspo.config import GSPOConfig
+
+log = logging.getLogger(__name__)
+# Our loader runs in the main process (num_workers=0), where the length of the iterable is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class PromptBatch:
+    """One rank's prompts for one generation batch, and where it stands in the run."""
+
+    records: list[dict[str, Any]]  # the dataset rows: prompt plus any columns reward functions want
+    epoch: int
+    index: int  # generation batch index within the epoch
+    repeat: int  # 0 .. repeats-1: which micro-batch of this generation batch this step is
+
+    @property
+    def is_first(self) -> bool:
+        return self.repeat == 0
+
+
+def load_prompts(source: Any, split: str = "train"):
+    """A ``datasets.Dataset`` from a Dataset, a list of dicts, a dict of columns, a local jsonl/json/parquet/csv
+    file, a directory saved with ``save_to_disk``, or a hub name (where there is a network)."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise ValueError(f"data split {split!r} not in the dataset; it has {list(source)}.")
+        return source[split]
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, list):
+        return datasets.Dataset.from_list(source)
+    if isinstance(source, dict):
+        return datasets.Dataset.from_dict(source)
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if path.is_file():
+            fmt = FILE_FORMATS.get(path.suffix)
+            if fmt is None:
+                raise ValueError(
+                    f"data file {path} has suffix {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}."
+                )
+            return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        if path.is_dir():
+            return load_prompts(datasets.load_from_disk(str(path)), split)
+        if str(source).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"data source {source!r} does not exist.")
+        return datasets.load_dataset(str(source), split=split)
+    raise TypeError(f"cannot read prompts from a {type(source).__name__}; see load_prompts' docstring.")
+
+
+class _GroupBatches(IterableDataset):
+    """Yields this rank's ``PromptBatch`` es for one epoch, each ``repeats`` times."""
+
+    def __init__(self, owner: PromptGroupDataModule):
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return self.owner.batches_per_epoch * self.owner.repeats
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        o = self.owner
+        epoch = o.current_epoch()
+        if o.shuffle:
+            order = torch.randperm(len(o.dataset), generator=torch.Generator().manual_seed(o.seed + epoch))
+        else:
+            order = torch.arange(len(o.dataset))
+        resume, o._resume_at = o._resume_at, None
+        first_index, first_repeat = resume[1:] if resume and resume[0] == epoch else (0, 0)
+        per_batch = o.prompts_per_rank * o.world_size
+        for index in range(first_index, o.batches_per_epoch):
+            base = index * per_batch + o.rank * o.prompts_per_rank
+            rows = [o.dataset[int(i)] for i in order[base : base + o.prompts_per_rank]]
+            for repeat in range(first_repeat if index == first_index else 0, o.repeats):
+                yield PromptBatch(rows, epoch, index, repeat)
+
+
+class PromptGroupDataModule(L.LightningDataModule):
+    """Prompts, grouped for GRPO/GSPO.
+
+    Args:
+        source: what ``load_prompts`` reads (a Dataset, rows, a file, a saved directory, a hub name), or a
+            zero-argument callable returning one (Hydra builds tasks that way).
+        algorithm: the algorithm config (or its dict); it sets prompts per rank and the reuse count.
+        prompt_column: the column holding the prompt, plain text or a list of chat messages.
+        seed: seed of the per-epoch order; None takes ``config.seed``.
+        shuffle: reshuffle every epoch (False keeps the file's order).
+        max_samples: use only the first this many rows (quick runs).
+        system_prompt: prepended as a system message to chat prompts, and as a line to plain-text prompts.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        algorithm: GSPOConfig | dict | None = None,
+        prompt_column: str = "prompt",
+        seed: int | None = None,
+        shuffle: bool = True,
+        max_samples: int | None = None,
+        system_prompt: str | None = None,
+        split: str = "train",
+    ):
+        super().__init__()
+        self.source = source
+        self.config = _as_config(algorithm)
+        self.prompt_column = prompt_column
+        self.seed = self.config.seed if seed is None else seed
+        self.shuffle = shuffle
+        self.max_samples = max_samples
+        self.system_prompt = system_prompt
+        self.split = split
+        self.dataset = None
+        self.rank, self.world_size = 0, 1
+        self._resume_at: tuple[int, int, int] | None = None
+
+    # ---- set-up ----
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        if self.dataset is None:
+            self.dataset = self._load()
+        spg = self.config.steps_per_generation_for(self.world_size)
+        self.prompts_per_rank = self.config.prompts_per_rank(self.world_size)
+        self.repeats = self.config.num_iterations * spg
+        per_batch = self.prompts_per_rank * self.world_size
+        self.batches_per_epoch = len(self.dataset) // per_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(self.dataset)} prompts, fewer than one generation batch needs "
+                f"({self.prompts_per_rank} per rank x {self.world_size} ranks); add prompts or lower "
+                "per_device_train_batch_size / steps_per_generation."
+            )
+        left_over = len(self.dataset) - self.batches_per_epoch * per_batch
+        if left_over and self.rank == 0:
+            warnings.warn(
+                f"{left_over} of {len(self.dataset)} prompts do not fill a generation batch of {per_batch} and are "
+                "skipped each epoch (a new order each epoch, so different prompts each time).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _load(self):
+        source = self.source() if callable(self.source) else self.source
+        ds = load_prompts(source, self.split)
+        if len(ds) == 0:
+            raise ValueError(f"the prompt dataset from {self.source!r} is empty.")
+        if self.prompt_column not in ds.column_names:
+            raise ValueError(
+                f"prompt_column={self.prompt_column!r} is not a column of the dataset; its columns are "
+                f"{ds.column_names}. Set data.prompt_column."
+            )
+        if self.max_samples is not None:
+            ds = ds.select(range(min(self.max_samples, len(ds))))
+        if self.prompt_column != "prompt":
+            ds = ds.rename_column(self.prompt_column, "prompt") if "prompt" not in ds.column_names else ds
+        if self.system_prompt:
+            ds = ds.map(lambda row: {"prompt": _with_system(row["prompt"], self.system_prompt)})
+        return ds
+
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    # ---- loaders ----
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_GroupBatches(self), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    # ---- resume: where the next batch starts ----
+    def resume_after(self, epoch: int, index: int, repeat: int) -> None:
+        """Continue with the batch after micro-batch ``repeat`` of generation batch ``index`` of ``epoch``."""
+        self._resume_at = (epoch, index, repeat + 1) if repeat + 1 < self.repeats else (epoch, index + 1, 0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch * self.repeats
+
+    def optimizer_steps(self, num_epochs: float) -> int:
+        """Optimizer steps in ``num_epochs`` epochs (for the learning-rate schedule)."""
+        return math.ceil(self.steps_per_epoch * num_epochs / self.config.gradient_accumulation_steps)
+
+
+def _with_system(prompt: Any, system: str) -> Any:
+    if isinstance(prompt, list):
+        if prompt and prompt[0].get("role") == "system":
+            return prompt
+        return [{"role": "system", "content": system}, *prompt]
+    return f"{system}\n{prompt}"
+
+
+def _identity(x):
+    return x
+
+
+def _as_config(config: GSPOConfig | dict | None) -> GSPOConfig:
+    if config is None:
+        return GSPOConfig()
+    if isinstance(config, GSPOConfig):
+        return config
+    return GSPOConfig.from_dict(dict(config))

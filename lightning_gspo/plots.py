@@ -1,0 +1,86 @@
+"""Curves from a run's CSV log: what people look at rather than read."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+
+def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series per column of a Lightning CSVLogger metrics.csv; empty cells skipped."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key != "step" and value not in ("", None):
+                    series[key].append((step, float(value)))
+    return dict(series)
+
+
+def plot_run(csv_path: str | Path, out: str | Path, title: str = "", keys: list[str] | None = None) -> Path:
+    """Reward (and each reward function's mean) against optimizer steps, with entropy and clipping beneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(csv_path)
+    keys = keys or [k for k in series if k == "reward" or (k.startswith("rewards/") and k.endswith("/mean"))]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
+    for key in keys:
+        steps, values = zip(*series[key])
+        top.plot(steps, values, label=key)
+    top.set_ylabel("reward")
+    top.legend(loc="lower right")
+    top.grid(alpha=0.3)
+    top.set_title(title)
+    for key in ("entropy", "clip_ratio/region_mean"):
+        if key in series:
+            steps, values = zip(*series[key])
+            bottom.plot(steps, values, label=key)
+    bottom.set_xlabel("optimizer step")
+    bottom.legend(loc="upper right")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_compare(
+    runs: dict[str, str | Path],
+    out: str | Path,
+    key: str = "rewards/correctness_reward/mean",
+    title: str = "",
+) -> Path:
+    """One metric from several runs on the same axes (e.g. GSPO against GRPO)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
+    for label, path in runs.items():
+        series = read_metrics(path)
+        steps, values = zip(*series[key])
+        top.plot(steps, values, label=label)
+        if "clip_ratio/region_mean" in series:
+            s, v = zip(*series["clip_ratio/region_mean"])
+            bottom.plot(s, v, label=f"{label}: clipped fraction")
+    top.set_ylabel(key)
+    top.set_title(title)
+    top.legend(loc="lower right")
+    top.grid(alpha=0.3)
+    bottom.set_xlabel("optimizer step")
+    bottom.set_yscale("symlog", linthresh=1e-3)
+    bottom.legend(loc="upper right", fontsize=8)
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,225 @@
+"""Rollouts: prompts in, sampled completions, their masks and per-token log-probs out.
+
+Choices, and why:
+- Prompts are left-padded and truncated from the left, so the end of a prompt (where the question usually sits
+  and where generation continues) is kept.
+- The completion mask keeps the first EOS (the model chose to stop: that choice is scored) and nothing after it.
+  It is computed from the first EOS position, so it stays right when the pad token is the EOS token.
+- Log-probs come from ``logits / temperature``, as TRL computes them, with position ids taken from the attention
+  mask so left-padded rows see the positions they were generated with.
+- The fused path takes the backbone's last hidden states of the scored tokens only and never builds the (N, V)
+  logits; the materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
+  scaled logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One rank's generation batch: B = prompts x num_generations completions, group after group."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, C) right-padded
+    completion_mask: torch.Tensor  # (B, C) bool: up to and including the first EOS
+    is_truncated: torch.Tensor  # (B,) bool: no EOS within max_completion_length
+    advantages: torch.Tensor | None = None  # (B,)
+    old_logps: torch.Tensor | None = None  # (B, C) when off-policy
+    ref_logps: torch.Tensor | None = None  # (B, C) when beta > 0
+    num_items: torch.Tensor | None = None  # () scored tokens of the generation batch over all ranks
+    texts: dict[str, list[Any]] = field(default_factory=dict)  # prompts, completions: for rewards and logs
+
+    def micro_batch(self, index: int, size: int) -> Rollout:
+        """Rows ``index * size`` to ``(index + 1) * size``."""
+        rows = slice(index * size, (index + 1) * size)
+        kw = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                value = value[rows]
+            elif f.name == "texts":
+                value = {k: v[rows] for k, v in value.items()}
+            kw[f.name] = value
+        return Rollout(**kw)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+
+def prompt_text(prompt: Any, tokenizer) -> str:
+    """Plain text stays as it is; a list of chat messages goes through the chat template with the generation
+    prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the prompts are chat messages but the tokenizer has no chat_template.")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise ValueError(
+        f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}: {prompt!r}"
+    )
+
+
+def tokenize_prompts(
+    texts: list[str], tokenizer, max_prompt_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded ids (B, P) and mask (B, P), keeping the last ``max_prompt_length`` tokens; and how many prompts
+    were cut."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = 0
+    if max_prompt_length is not None:
+        cut = sum(len(ids) > max_prompt_length for ids in encoded)
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    width = max(len(ids) for ids in encoded)
+    if width == 0:
+        raise ValueError("every prompt in the batch tokenized to nothing; check the prompt column.")
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, row in enumerate(encoded):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids, mask, cut
+
+
+def completion_mask(
+    completion_ids: torch.Tensor,  # (B, C)
+    eos_token_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask (B, C) of the tokens up to and including the first EOS, and which rows have no EOS (truncated)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    width = completion_ids.shape[1]
+    first_eos = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, width, dtype=torch.long)
+    )
+    positions = torch.arange(width, device=completion_ids.device)
+    return positions.unsqueeze(0) <= first_eos.unsqueeze(1), ~has_eos
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config names an EOS token.")
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, prompt_mask, cfg, eos: list[int]) -> torch.Tensor:
+    """Sample one completion per row (the prompts arrive already repeated num_generations times): (B, C) ids."""
+    kwargs: dict[str, Any] = dict(
+        do_sample=True,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        repetition_penalty=cfg.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+    if cfg.min_p is not None:
+        kwargs["min_p"] = cfg.min_p
+    kwargs.update(cfg.generation_kwargs or {})
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    finally:
+        model.train(was_training)
+    return out[:, prompt_ids.shape[1] :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token log-probs.
+
+
+def _unwrap(model):
+    """The causal LM under a PEFT wrapper (its LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fused_unsupported(model) -> str | None:
+    """Why the fused head cannot stand in for this model's logits, or None when it can."""
+    lm = _unwrap(model)
+    cfg = getattr(lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return f"the model's config sets {attr}={getattr(cfg, attr)}"
+    if lm.get_output_embeddings() is None or not hasattr(lm, lm.base_model_prefix):
+        return "the model has no separate backbone and output head"
+    return None
+
+
+def per_token_logps(
+    model,
+    input_ids: torch.Tensor,  # (B, P + C)
+    attention_mask: torch.Tensor,  # (B, P + C)
+    completion_mask: torch.Tensor,  # (B, C) bool
+    temperature: float,
+    impl: str = "fused",
+    compute_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False."""
+    c = completion_mask.shape[1]
+    targets = input_ids[:, -c:]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if impl == "fused":
+        lm = _unwrap(model)
+        backbone = getattr(lm, lm.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, -c - 1 : -1]
+        head = lm.get_output_embeddings()
+        from lightning_gspo.kernels import selective_logprobs
+
+        out = selective_logprobs(
+            hidden[completion_mask],
+            head.weight,
+            targets[completion_mask],
+            temperature=temperature,
+            bias=getattr(head, "bias", None),
+            return_entropy=compute_entropy,
+        )
+        logps_sel, ent_sel = out if compute_entropy else (out, None)
+        logps = hidden.new_zeros(completion_mask.shape, dtype=torch.float32).masked_scatter(
+            completion_mask, logps_sel
+        )
+        entropy = None
+        if compute_entropy:
+            entropy = torch.zeros_like(logps).masked_scatter(completion_mask, ent_sel.detach())
+        return logps, entropy
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=c + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, -c - 1 : -1].float() / temperature  # (B, C, V)
+    logp_all = logits.log_softmax(-1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
+    entropy = None
+    if compute_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = torch.where(completion_mask, entropy, torch.zeros_like(entropy))
+    return logps, entropy

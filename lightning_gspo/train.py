@@ -1,0 +1,82 @@
+"""Hydra entry point: ``python -m lightning_gspo.train algorithm=gspo model=tiny trainer=ddp ...``.
+
+``train(cfg)`` composes the pieces (data module, module, callbacks, loggers, trainer) and runs; ``main()`` only
+wraps it for Hydra. Nothing else in the package imports Hydra, so every piece can be built by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_gspo.config import GSPOConfig
+from lightning_gspo.models import ModelConfig
+from lightning_gspo.module import GSPOModule
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, GSPOModule, L.Trainer]:
+    """The data module, module and trainer a config describes, before anything runs."""
+    algo_values = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    if algo_values.get("reward_weights") is None and cfg.reward.get("weights") is not None:
+        algo_values["reward_weights"] = list(cfg.reward.weights)
+    algo = GSPOConfig.from_dict(algo_values)
+    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    datamodule = hydra.utils.instantiate(cfg.data, algorithm=algo)
+    module = GSPOModule(model_cfg, reward_funcs=list(cfg.reward.funcs), config=algo)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer_kwargs: dict[str, Any] = {}
+    if algo.max_steps > 0:
+        trainer_kwargs["max_steps"] = algo.max_steps
+        trainer_kwargs["max_epochs"] = -1
+    else:
+        trainer_kwargs["max_epochs"] = math.ceil(algo.num_train_epochs)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs
+    )
+    if algo.max_steps <= 0 and algo.num_train_epochs != int(algo.num_train_epochs):
+        datamodule.trainer = trainer
+        datamodule.setup("fit")
+        trainer.fit_loop.max_steps = datamodule.optimizer_steps(algo.num_train_epochs)
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("plot") and trainer.is_global_zero:
+        from lightning_gspo.plots import plot_run
+
+        for logger in trainer.loggers:
+            csv = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
+            if csv.exists():
+                png = plot_run(csv, Path(cfg.output_dir) / "reward_curve.png", title=_title(cfg))
+                log.info("reward curve: %s", png)
+    return metrics
+
+
+def _title(cfg: DictConfig) -> str:
+    a = cfg.algorithm
+    return f"{a.importance_sampling_level} level, loss {a.loss_type}, eps {a.epsilon}/{a.epsilon_high or a.epsilon}"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_gspo.conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    metrics = train(cfg)
+    return metrics.get("reward")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Small builders shared by the training tests: a module, a data module and a quiet CPU trainer."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_gspo.config import GSPOConfig
+from lightning_gspo.data import PromptGroupDataModule
+from lightning_gspo.module import GSPOModule
+from lightning_gspo.tasks.arithmetic import make_dataset
+
+REWARDS = ["lightning_gspo.rewards.arithmetic.correctness_reward", "lightning_gspo.rewards.arithmetic.format_reward"]
+SMALL = dict(
+    num_generations=4,
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=2,
+    max_completion_length=4,
+    max_prompt_length=16,
+    learning_rate=1e-3,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    seed=1,
+)
+
+
+def algo(**overrides) -> GSPOConfig:
+    return GSPOConfig(**{**SMALL, **overrides})
+
+
+def module_and_data(tiny_dir, num_prompts: int = 64, **overrides):
+    cfg = algo(**overrides)
+    module = GSPOModule({"name_or_path": str(tiny_dir)}, REWARDS, cfg)
+    data = PromptGroupDataModule(make_dataset(num_prompts, seed=3), algorithm=cfg)
+    return module, data
+
+
+def trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def logged(tmp_path: Path) -> list[dict[str, str]]:
+    with open(Path(tmp_path) / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
