@@ -6,6 +6,8 @@ algorithm. Choices this implementation makes, and why:
 - One program per sequence. GSPO's ratio ``s_i = exp(mean_t(logp - old))`` is a per-row reduction, so a row
   that lives in one program reduces it on chip; the token level uses the same layout so both share the clip
   algebra and the per-row statistics (loss sum, clip counts, KL sum, length) the metrics are built from.
+  The price is parallelism: B programs, so a handful of very long rows leaves most of the GPU idle; at
+  training shapes (B x T of 64k tokens and up) the pair of kernels runs at about twice the memory floor.
 - The forward writes only per-row numbers (B, 7); the loss aggregation over rows (``loss_type``) is a (B,)
   weight vector applied outside the kernel, and the same weights, times ``grad_output``, scale the backward.
   The backward writes d loss / d logps once, zero at padded positions, in logps' dtype.
@@ -42,13 +44,28 @@ _LOSS, _LOW, _HIGH, _REGION, _KL, _LOG_S, _LEN = range(7)
 
 
 @triton.jit
-def _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
-    """Surrogate ``-min(min(rho, delta) A, clip(rho, lo, hi) A)``, its derivative in rho, the clip flags."""
+def _clip_sides(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
+    """The two sides of the minimum: ``min(rho, delta) A`` and ``clip(rho, lo, hi) A``."""
     rho_c = rho
     if HAS_DELTA:
         rho_c = tl.minimum(rho, delta)
-    a = rho_c * adv
-    b = tl.minimum(tl.maximum(rho, lo), hi) * adv
+    return rho_c * adv, tl.minimum(tl.maximum(rho, lo), hi) * adv
+
+
+@triton.jit
+def _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
+    """Surrogate ``-min(min(rho, delta) A, clip(rho, lo, hi) A)`` and the clip flags."""
+    a, b = _clip_sides(rho, adv, lo, hi, delta, HAS_DELTA)
+    # tl.where rather than `&`: Triton's interpreter rejects `&` between a block and a scalar condition.
+    is_low = tl.where(adv < 0, rho < lo, False)
+    is_high = tl.where(adv > 0, rho > hi, False)
+    return -tl.minimum(a, b), is_low, is_high
+
+
+@triton.jit
+def _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
+    """d surrogate / d rho, following torch's autograd of the reference."""
+    a, b = _clip_sides(rho, adv, lo, hi, delta, HAS_DELTA)
     tie = a == b
     # torch.minimum's backward: the smaller side takes the gradient, a tie splits it in halves.
     g_a = tl.where(a < b, 1.0, tl.where(tie, 0.5, 0.0))
@@ -57,12 +74,7 @@ def _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
     if HAS_DELTA:
         d_a = tl.where(rho <= delta, d_a, 0.0)  # torch.clamp(max=delta) passes the gradient at the bound
     d_b = tl.where((rho >= lo) & (rho <= hi), g_b * adv, 0.0)  # closed interval, as torch.clamp
-    loss = -tl.minimum(a, b)
-    d_rho = -(d_a + d_b)
-    # tl.where rather than `&`: Triton's interpreter rejects `&` between a block and a scalar condition.
-    is_low = tl.where(adv < 0, rho < lo, False)
-    is_high = tl.where(adv > 0, rho > hi, False)
-    return loss, d_rho, is_low, is_high
+    return -(d_a + d_b)
 
 
 @triton.jit
@@ -78,11 +90,16 @@ def _load_mask(mask_ptr, row, stride_b, stride_t, offs, T):
 
 
 @triton.jit
-def _kl_terms(lp, ref):
-    """k3 = exp(ref - logp) - (ref - logp) - 1 and its derivative in logp."""
+def _kl(lp, ref):
+    """k3 = exp(ref - logp) - (ref - logp) - 1."""
     diff = ref - lp
-    e = tl.exp(diff)
-    return e - diff - 1.0, 1.0 - e
+    return tl.exp(diff) - diff - 1.0
+
+
+@triton.jit
+def _kl_grad(lp, ref):
+    """d k3 / d logp = 1 - exp(ref - logp)."""
+    return 1.0 - tl.exp(ref - lp)
 
 
 @triton.jit
@@ -133,10 +150,10 @@ def _policy_loss_fwd_kernel(
             lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
             old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
             rho = tl.exp(lp - old)
-            loss, _, is_low, is_high = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+            loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
             if HAS_KL:
                 ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                kl, _ = _kl_terms(lp, ref)
+                kl = _kl(lp, ref)
                 if BIAS_CORR:
                     kl = kl * rho
                 loss = loss + beta * kl
@@ -164,13 +181,13 @@ def _policy_loss_fwd_kernel(
             if LEVEL == 1:
                 if HAS_KL:
                     ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                    kl, _ = _kl_terms(lp, ref)
+                    kl = _kl(lp, ref)
                     kl_acc += tl.where(m, kl, 0.0)
         length = tl.sum(n_len, 0)
         log_s = tl.sum(lr_acc, 0) / tl.maximum(length, 1).to(COMPUTE)
         if LEVEL == 1:
             rho = tl.exp(log_s)
-            seq_loss, _, is_low, is_high = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+            seq_loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
             loss_sum = tl.where(length > 0, seq_loss * length.to(COMPUTE), 0.0)
             kl_sum = tl.sum(kl_acc, 0)
             if HAS_KL:
@@ -189,10 +206,10 @@ def _policy_loss_fwd_kernel(
                 m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
                 lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
                 rho = tl.exp((log_s + lp) - lp)
-                loss, _, is_low, is_high = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+                loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
                 if HAS_KL:
                     ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                    kl, _ = _kl_terms(lp, ref)
+                    kl = _kl(lp, ref)
                     if BIAS_CORR:
                         kl = kl * rho
                     loss = loss + beta * kl
@@ -258,7 +275,7 @@ def _policy_loss_bwd_kernel(
         # Everything through s_i is one number per row: d loss / d log s_i, spread as 1/L over the tokens.
         length = tl.load(stats_ptr + 6 * B + row)
         rho = tl.exp(log_s)
-        _, d_rho, _, _ = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+        d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
         d_log_s = length * (d_rho * rho)
         if HAS_KL:
             if BIAS_CORR:
@@ -271,7 +288,7 @@ def _policy_loss_bwd_kernel(
             if HAS_KL:
                 lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
                 ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                _, d_kl = _kl_terms(lp, ref)
+                d_kl = _kl_grad(lp, ref)
                 if BIAS_CORR:
                     d_kl = d_kl * rho
                 g += beta * d_kl
@@ -287,7 +304,7 @@ def _policy_loss_bwd_kernel(
                 rho = tl.exp(lp - old)
             else:
                 rho = tl.exp((log_s + lp) - lp)
-            _, d_rho, _, _ = _clip_terms(rho, adv, lo, hi, delta, HAS_DELTA)
+            d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
             g = d_rho * rho  # d rho / d logp = rho on both paths (the stop-gradient keeps logp's own path)
             if HAS_KL:
                 ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
@@ -296,7 +313,7 @@ def _policy_loss_bwd_kernel(
                     # two products cancels catastrophically once exp(ref - logp) is large.
                     g += beta * (rho * (lp - ref))
                 else:
-                    _, d_kl = _kl_terms(lp, ref)
+                    d_kl = _kl_grad(lp, ref)
                     g += beta * d_kl
             g = tl.where(m, g * scale, 0.0)
             tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
@@ -336,10 +353,20 @@ def _flags(spec: LossSpec, dtype: torch.dtype) -> dict:
     }
 
 
+_params_cache: dict[tuple, torch.Tensor] = {}
+
+
 def _params(spec: LossSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(4,) lo, hi, delta, beta on the device; cached, since a host-to-device copy per call costs more than
+    the kernels at training sizes."""
     delta = spec.delta if spec.delta is not None else 0.0
-    values = [1 - spec.epsilon_low, 1 + spec.epsilon_high, delta, spec.beta]
-    return torch.tensor(values, dtype=dtype, device=device)  # (4,)
+    values = (1 - spec.epsilon_low, 1 + spec.epsilon_high, delta, spec.beta)
+    key = (values, dtype, device)
+    if key not in _params_cache:
+        if len(_params_cache) > 64:
+            _params_cache.clear()
+        _params_cache[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _params_cache[key]
 
 
 def policy_loss_forward(
@@ -355,7 +382,7 @@ def policy_loss_forward(
     """Per-row statistics (7, B) in the compute dtype: loss sum, low, high, region, kl sum, log s, length."""
     B, T = logps.shape
     dtype = params.dtype
-    stats = torch.zeros((7, B), dtype=dtype, device=logps.device)
+    stats = torch.empty((7, B), dtype=dtype, device=logps.device)  # every entry is written
     if B == 0:
         return stats
     mask_u8 = mask.view(torch.uint8)
@@ -401,16 +428,16 @@ def row_weights(
     spec: LossSpec,
     normaliser: torch.Tensor | None,  # () dapo's token count
 ) -> torch.Tensor:
-    """The weight (B,) of each row's masked loss sum in the scalar loss, as ``aggregate`` reduces."""
+    """The weight (B,) of each row's masked loss sum in the scalar loss, as ``aggregate`` reduces (may be a
+    stride-0 view when every row weighs the same)."""
     B = lengths.shape[0]
-    ones = torch.ones_like(lengths)
     if spec.loss_type == "grpo":
-        return ones / (lengths.clamp(min=1) * max(B, 1))
+        return (lengths.clamp(min=1) * max(B, 1)).reciprocal()
     if spec.loss_type == "bnpo":
-        return ones / lengths.sum().clamp(min=1)
+        return lengths.sum().clamp(min=1).reciprocal().expand(B)
     if spec.loss_type == "dr_grpo":
-        return ones / (B * spec.max_completion_length)
-    return ones / normaliser.clamp(min=1.0).to(lengths.dtype)
+        return lengths.new_full((B,), 1.0 / max(B * spec.max_completion_length, 1))
+    return normaliser.clamp(min=1.0).to(lengths.dtype).reciprocal().expand(B)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,7 +464,7 @@ class TritonPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         logps, old, advantages, mask, ref, params, stats, weights = ctx.saved_tensors
-        scale = weights * grad_loss.to(weights.dtype)  # (B,)
+        scale = (weights * grad_loss.to(weights.dtype)).contiguous()  # (B,)
         grad = policy_loss_backward(
             logps, old, advantages, mask, ref, ctx.spec, params, stats, scale, ctx.block_t
         )

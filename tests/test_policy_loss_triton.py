@@ -17,6 +17,8 @@ from lightning_gspo.kernels.policy_loss_triton import TritonPolicyLoss, triton_p
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KL_SETTINGS = {"no-kl": (0.0, True), "kl": (0.04, True), "kl-no-bias-corr": (0.04, False)}
 GARBAGE = (float("-inf"), float("nan"), float("inf"), 1e30)
+# The sequence level's length-weighting warning is policy_loss's business, tested with it.
+pytestmark = pytest.mark.filterwarnings("ignore:importance_sampling_level='sequence'")
 
 
 def make_inputs(B=6, T=33, dtype=torch.float32, spread=0.3, garbage=True, seed=0, device=DEVICE):
@@ -72,7 +74,6 @@ def assert_match(ref_out, tri_out, rtol=1e-5, grad_rtol=1e-5, grad_atol=1e-8):
         torch.testing.assert_close(m_tri[key], m_ref[key], rtol=rtol, atol=1e-7, equal_nan=True, msg=key)
 
 
-@pytest.mark.filterwarnings("ignore:importance_sampling_level='sequence'")
 @pytest.mark.parametrize("delta", [None, 2.0], ids=["no-delta", "delta"])
 @pytest.mark.parametrize("kl", list(KL_SETTINGS))
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -129,6 +130,15 @@ def test_odd_shapes_and_tiling(level, T, block_t):
     loss_tri, m_tri = triton_policy_loss(logps, old, adv, mask, ref, spec, None, block_t=block_t)
     (g_tri,) = torch.autograd.grad(loss_tri, logps)
     assert_match((loss_ref.detach(), g_ref, m_ref), (loss_tri.detach(), g_tri, m_tri))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_mixed_input_dtypes(level):
+    """bf16 log-probs with float32 old and float16 reference log-probs and float64 advantages."""
+    logps, old, adv, mask, ref = make_inputs(B=5, T=10, dtype=torch.bfloat16, spread=0.5)
+    old, ref, adv = old.float(), ref.half(), adv.double()
+    out = run_both(logps, old, adv, mask, ref, importance_sampling_level=level, beta=0.04)
+    assert_match(*out, grad_rtol=2**-7, grad_atol=1e-6)
 
 
 def test_non_contiguous_inputs():
