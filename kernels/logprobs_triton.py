@@ -47,22 +47,19 @@ def _logits_tile(
     BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    EVEN_H: tl.constexpr,
 ):
     """(BLOCK_N, BLOCK_V) float32 tile of h[rows] @ w[cols].T, accumulated over H in BLOCK_H steps."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
-        k_mask = ks < H
-        a = tl.load(
-            h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
-            mask=col_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
+        a_mask = row_mask[:, None]
+        b_mask = col_mask[None, :]
+        if not EVEN_H:  # a hidden size that BLOCK_H divides (the usual case) needs no mask along H
+            a_mask = a_mask & (ks < H)[None, :]
+            b_mask = b_mask & (ks < H)[:, None]
+        a = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk, mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk, mask=b_mask, other=0.0)
         if UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -96,6 +93,7 @@ def _forward_kernel(
     BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    EVEN_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -128,6 +126,7 @@ def _forward_kernel(
             BLOCK_H,
             DOT_PRECISION,
             UPCAST_DOT,
+            EVEN_H,
         )
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -180,6 +179,7 @@ def _dlogits_kernel(
     BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    EVEN_H: tl.constexpr,
 ):
     # w_ptr points at head row v0; cols are local to the tile [0, VT)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -203,6 +203,7 @@ def _dlogits_kernel(
         BLOCK_H,
         DOT_PRECISION,
         UPCAST_DOT,
+        EVEN_H,
     )
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -232,16 +233,23 @@ def _dlogits_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _config(device: torch.device, dtype: torch.dtype) -> dict:
+# Block shapes on CUDA, per kernel and operand width; module-level so a benchmark can sweep them.
+CUDA_BLOCKS = {
+    ("forward", "16bit"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    ("dlogits", "16bit"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    ("forward", "float32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),
+    ("dlogits", "float32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),
+}
+
+
+def _config(kernel: str, device: torch.device, dtype: torch.dtype) -> dict:
     precision = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
     if device.type != "cuda":
         # The interpreter: small blocks keep the CPU tests quick and still cover masking. Its tl.dot mistakes
         # bfloat16 operands for raw integers (Triton 3.9), so 16-bit operands are widened to float32 there.
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, DOT_PRECISION=precision, UPCAST_DOT=True)
-    cfg = dict(DOT_PRECISION=precision, UPCAST_DOT=False, num_stages=3)
-    if dtype == torch.float32:
-        return dict(cfg, BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4)
-    return dict(cfg, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
+    width = "float32" if dtype == torch.float32 else "16bit"
+    return dict(CUDA_BLOCKS[(kernel, width)], DOT_PRECISION=precision, UPCAST_DOT=False)
 
 
 def _num_splits(device: torch.device, n_row_blocks: int, n_col_blocks: int) -> int:
@@ -263,7 +271,7 @@ def forward_stats(
     """Per-row float32 (logsumexp, target logit, entropy or None) of ``(hidden @ W.T + bias) * inv_t``."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    cfg = _config(hidden.device, hidden.dtype)
+    cfg = _config("forward", hidden.device, hidden.dtype)
     if n == 0:
         empty = hidden.new_empty(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone() if with_entropy else None
@@ -295,6 +303,7 @@ def forward_stats(
         float(inv_t),
         HAS_BIAS=bias is not None,
         WITH_ENTROPY=with_entropy,
+        EVEN_H=hdim % cfg["BLOCK_H"] == 0,
         **cfg,
     )
     top = m.amax(0)  # (N,)
@@ -327,7 +336,7 @@ def dlogits(
     """The gradient w.r.t. the logits tile (R, VT), in ``h``'s dtype, recomputed from the saved logsumexp."""
     r, hdim = h.shape
     vt = w.shape[0]
-    cfg = _config(h.device, h.dtype)
+    cfg = _config("dlogits", h.device, h.dtype)
     dz = torch.empty(r, vt, dtype=h.dtype, device=h.device)
     dummy = lse
     grid = (triton.cdiv(r, cfg["BLOCK_N"]), triton.cdiv(vt, cfg["BLOCK_V"]))
@@ -354,6 +363,7 @@ def dlogits(
         HAS_BIAS=b is not None,
         HAS_G=g is not None,
         HAS_GE=g_ent is not None,
+        EVEN_H=hdim % cfg["BLOCK_H"] == 0,
         **cfg,
     )
     return dz
