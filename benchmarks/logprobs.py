@@ -51,10 +51,15 @@ def materialised(hidden, weight, ids, temperature):
     return logits.float().log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
 
 
-def ours(backend):
-    from lightning_gspo.kernels import selective_logprobs
+def ours(backend, matmul=None):
+    from lightning_gspo.kernels import logprobs_triton, selective_logprobs
 
-    return lambda h, w, ids, t: selective_logprobs(h, w, ids, temperature=t, backend=backend)
+    def fn(h, w, ids, t):
+        if matmul:  # read again by the backward, so it stays set until another method runs
+            logprobs_triton.MATMUL = matmul
+        return selective_logprobs(h, w, ids, temperature=t, backend=backend)
+
+    return fn
 
 
 def _trl_chunk_size():
@@ -71,8 +76,13 @@ def make_method(name):
     if name == "materialised":
         return materialised, ""
     if name.startswith("ours"):
-        backend = name.split("-")[1] if "-" in name else "auto"
-        return ours(backend), ""
+        parts = name.split("-")  # ours, ours-torch, ours-triton, ours-triton-cublas
+        backend = parts[1] if len(parts) > 1 else "auto"
+        matmul = parts[2] if len(parts) > 2 else ("fused" if backend == "triton" else None)
+        note = (
+            "logits tiles from cuBLAS in float32, folded by the Triton kernels" if matmul == "cublas" else ""
+        )
+        return ours(backend, matmul), note
     if name == "trl":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
@@ -264,6 +274,13 @@ def main():
         f"N={args.n} H={args.h} V={args.v} {args.dtype} on {where}, torch {torch.__version__}, median of "
         f"{args.repeats}"
     )
+    if args.gpu:
+        a = torch.ones(4, 4, device="cuda", dtype=dtype)
+        try:
+            torch.mm(a, a, out_dtype=torch.float32)
+            print("torch.mm(out_dtype=float32) from bf16: supported")
+        except Exception as err:
+            print(f"torch.mm(out_dtype=float32) from bf16: not supported ({type(err).__name__})")
     rows, skipped = [], {}
     live = []
     for method in methods:
@@ -311,31 +328,36 @@ def main():
             json.dump(dict(rows=rows, skipped=skipped, args=vars(args)), f, indent=1)
 
 
-def sweep(n, h, v, dtype, configs=((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4))):
-    """Times the two Triton kernels under a few block shapes, checks they agree, keeps the fastest."""
+def sweep(n, h, v, dtype):
+    """Times the Triton kernels under a few block shapes, checks they agree, keeps the fastest."""
     from lightning_gspo.kernels import logprobs_triton as kern
 
     hidden, weight, ids, _ = inputs(n, h, v, dtype, "cuda", "full")
     hidden, weight = hidden.detach(), weight.detach()
+    kern.MATMUL = "fused"
     lse_ref = kern.forward_stats(hidden, weight, None, ids, 1.0, False)[0]
     cols = 8192
     g = torch.randn(n, device="cuda")
-    for kernel in ("forward", "dlogits"):
+    mm_shapes = ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
+    fold_shapes = ((32, 256, 16, 8, 2), (64, 128, 16, 4, 2), (16, 512, 16, 4, 2))
+    for kernel, shapes in (("forward", mm_shapes), ("dlogits", mm_shapes), ("fold", fold_shapes)):
         key = (kernel, "16bit")
         best = (float("inf"), kern.CUDA_BLOCKS[key])
-        for bn, bv, bh, warps, stages in configs:
+        kern.MATMUL = "cublas" if kernel == "fold" else "fused"
+        for bn, bv, bh, warps, stages in shapes:
             kern.CUDA_BLOCKS[key] = dict(
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages
             )
-            if kernel == "forward":
-                run = partial(kern.forward_stats, hidden, weight, None, ids, 1.0, False)
-                flops = 2 * n * h * v
-            else:
+            if kernel == "dlogits":
                 run = partial(kern.dlogits, hidden, weight[:cols], None, ids, 0, lse_ref, None, g, None, 1.0)
                 flops = 2 * n * h * cols
+            else:
+                tile = (n, max(128, (1 << 27) // n // 128 * 128))
+                run = partial(kern.forward_stats, hidden, weight, None, ids, 1.0, False, tile=tile)
+                flops = 2 * n * h * v
             try:
                 out = run()
-                err = (out[0] - lse_ref).abs().max().item() if kernel == "forward" else 0.0
+                err = 0.0 if kernel == "dlogits" else (out[0] - lse_ref).abs().max().item()
                 times = []
                 for _ in range(3):
                     torch.cuda.synchronize()
@@ -345,8 +367,8 @@ def sweep(n, h, v, dtype, configs=((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (
                     times.append(time.perf_counter() - t0)
                 t = statistics.median(times)
                 print(
-                    f"sweep {kernel} {bn}x{bv}x{bh} w{warps} s{stages}: {flops / t / 1e12:.0f} TFLOP/s "
-                    f"(max |lse - default| {err:.1e})",
+                    f"sweep {kernel} {bn}x{bv}x{bh} w{warps} s{stages}: {flops / t / 1e12:.0f} TFLOP/s, "
+                    f"{t * 1e3:.1f} ms (max |lse - fused default| {err:.1e})",
                     flush=True,
                 )
                 if t < best[0] and err < 1e-3:
@@ -355,6 +377,7 @@ def sweep(n, h, v, dtype, configs=((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (
                 print(f"sweep {kernel} {bn}x{bv}x{bh} w{warps} s{stages}: failed {type(exc).__name__}: {exc}")
         kern.CUDA_BLOCKS[key] = best[1]
         print(f"sweep {kernel}: using {best[1]}", flush=True)
+    kern.MATMUL = "fused"
     torch.cuda.empty_cache()
 
 

@@ -291,8 +291,9 @@ class SelectiveLogprobsFunction(torch.autograd.Function):
         if backend == "triton":
             from lightning_gspo.kernels import logprobs_triton
 
+            tile = _tile_plan(hidden.shape[0], weight.shape[0], tile_logits)
             lse, target, entropy = logprobs_triton.forward_stats(
-                hidden, weight, bias, token_ids, inv_t, with_entropy
+                hidden, weight, bias, token_ids, inv_t, with_entropy, tile=tile
             )
         else:
             lse, target, entropy = _forward_torch(

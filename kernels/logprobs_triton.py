@@ -71,21 +71,28 @@ def _logits_tile(
 def _forward_kernel(
     h_ptr,
     w_ptr,
+    z_ptr,
     b_ptr,
     t_ptr,
     m_ptr,
     s_ptr,
     c_ptr,
     tz_ptr,
+    row0,
+    R,
     N,
-    V,
+    col0,
+    VT,
     H,
     cols_per_split,
+    slot0,
     stride_hn,
     stride_hk,
     stride_wv,
     stride_wk,
+    stride_z,
     inv_t,
+    FROM_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -95,20 +102,118 @@ def _forward_kernel(
     UPCAST_DOT: tl.constexpr,
     EVEN_H: tl.constexpr,
 ):
+    # Rows [row0, row0 + R) and columns [col0, col0 + VT) of the logits; this program takes BLOCK_N rows and
+    # one split of the columns, and writes its partial statistics to slot ``slot0 + split``. With FROM_Z the
+    # logits come from a float32 tile z (R, VT) that a matmul wrote; otherwise they are formed here.
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < N
-    target = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+    local_rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = local_rows < R
+    rows = row0 + local_rows
+    target = tl.load(t_ptr + rows, mask=row_mask, other=-1) - col0
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     c = tl.zeros((BLOCK_N,), dtype=tl.float32)
     tz = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_start = split * cols_per_split
-    v_end = tl.minimum(v_start + cols_per_split, V)
+    v_end = tl.minimum(v_start + cols_per_split, VT)
     for v0 in range(v_start, v_end, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # local to [col0, col0 + VT)
         col_mask = cols < v_end
+        if FROM_Z:
+            z = tl.load(
+                z_ptr + local_rows[:, None] * stride_z + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+        else:
+            z = _logits_tile(
+                h_ptr,
+                w_ptr,
+                rows,
+                col0 + cols,
+                row_mask,
+                col_mask,
+                H,
+                stride_hn,
+                stride_hk,
+                stride_wv,
+                stride_wk,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
+                DOT_PRECISION,
+                UPCAST_DOT,
+                EVEN_H,
+            )
+        if HAS_BIAS:
+            z += tl.load(b_ptr + col0 + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
+        hit = (cols[None, :] == target[:, None]) & col_mask[None, :]  # a target past this range is not in it
+        tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
+            c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = (slot0 + split) * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(tz_ptr + out, tz, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(c_ptr + out, c, mask=row_mask)
+
+
+@triton.jit
+def _dlogits_kernel(
+    h_ptr,
+    w_ptr,
+    z_ptr,
+    b_ptr,
+    t_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_ptr,
+    ge_ptr,
+    dz_ptr,
+    R,
+    VT,
+    H,
+    v0,
+    stride_hn,
+    stride_hk,
+    stride_wv,
+    stride_wk,
+    stride_z,
+    stride_dz,
+    inv_t,
+    FROM_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    EVEN_H: tl.constexpr,
+):
+    # w_ptr points at head row v0 and b_ptr at its bias; cols are local to the tile [0, VT)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_mask = rows < R
+    col_mask = cols < VT
+    if FROM_Z:
+        z = tl.load(
+            z_ptr + rows[:, None] * stride_z + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+    else:
         z = _logits_tile(
             h_ptr,
             w_ptr,
@@ -128,83 +233,6 @@ def _forward_kernel(
             UPCAST_DOT,
             EVEN_H,
         )
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
-        tz += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.exp(d)
-        e = tl.where(col_mask[None, :], e, 0.0)
-        if WITH_ENTROPY:
-            shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
-            c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
-    out = split * N + rows
-    tl.store(m_ptr + out, m, mask=row_mask)
-    tl.store(s_ptr + out, s, mask=row_mask)
-    tl.store(tz_ptr + out, tz, mask=row_mask)
-    if WITH_ENTROPY:
-        tl.store(c_ptr + out, c, mask=row_mask)
-
-
-@triton.jit
-def _dlogits_kernel(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    t_ptr,
-    lse_ptr,
-    ent_ptr,
-    g_ptr,
-    ge_ptr,
-    dz_ptr,
-    R,
-    VT,
-    H,
-    v0,
-    stride_hn,
-    stride_hk,
-    stride_wv,
-    stride_wk,
-    stride_dz,
-    inv_t,
-    HAS_BIAS: tl.constexpr,
-    HAS_G: tl.constexpr,
-    HAS_GE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    EVEN_H: tl.constexpr,
-):
-    # w_ptr points at head row v0; cols are local to the tile [0, VT)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    row_mask = rows < R
-    col_mask = cols < VT
-    z = _logits_tile(
-        h_ptr,
-        w_ptr,
-        rows,
-        cols,
-        row_mask,
-        col_mask,
-        H,
-        stride_hn,
-        stride_hk,
-        stride_wv,
-        stride_wk,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-        DOT_PRECISION,
-        UPCAST_DOT,
-        EVEN_H,
-    )
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -232,13 +260,19 @@ def _dlogits_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
+# "fused": the logits are formed inside the kernels with tl.dot. "cublas": cuBLAS writes each tile of logits
+# in float32 and the same kernels read it (FROM_Z), at the cost of one write and one read of the tile.
+MATMUL = "fused"
 
-# Block shapes on CUDA, per kernel and operand width; module-level so a benchmark can sweep them.
+# Block shapes on CUDA, per kernel and operand width; module-level so a benchmark can sweep them. "fold" is the
+# FROM_Z variant of both kernels: memory-bound, no tl.dot.
 CUDA_BLOCKS = {
-    ("forward", "16bit"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    ("forward", "16bit"): dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3),
     ("dlogits", "16bit"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
     ("forward", "float32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),
     ("dlogits", "float32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),
+    ("fold", "16bit"): dict(BLOCK_N=32, BLOCK_V=256, BLOCK_H=16, num_warps=8, num_stages=2),
+    ("fold", "float32"): dict(BLOCK_N=32, BLOCK_V=256, BLOCK_H=16, num_warps=8, num_stages=2),
 }
 
 
@@ -259,6 +293,69 @@ def _num_splits(device: torch.device, n_row_blocks: int, n_col_blocks: int) -> i
     return max(1, min(n_col_blocks, triton.cdiv(2 * sms, n_row_blocks)))
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from lightning_gspo.kernels.logprobs import _mm_f32 as mm
+
+    return mm(a, b, torch.float32)
+
+
+def _launch_forward(
+    hidden, weight, z, bias, token_ids, part, row0, r, col0, vt, slot0, inv_t, with_entropy, splits
+):
+    kernel = "forward" if z is None else "fold"
+    cfg = _config(kernel, hidden.device, hidden.dtype)
+    row_blocks = triton.cdiv(r, cfg["BLOCK_N"])
+    col_blocks = triton.cdiv(vt, cfg["BLOCK_V"])
+    cols_per_split = triton.cdiv(col_blocks, splits) * cfg["BLOCK_V"]
+    m, s, c, tz = part.unbind(0)
+    _forward_kernel[(row_blocks, triton.cdiv(vt, cols_per_split))](
+        hidden,
+        weight,
+        hidden if z is None else z,
+        hidden if bias is None else bias,
+        token_ids,
+        m,
+        s,
+        c,
+        tz,
+        row0,
+        r,
+        hidden.shape[0],
+        col0,
+        vt,
+        hidden.shape[1],
+        cols_per_split,
+        slot0,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        0 if z is None else z.stride(0),
+        float(inv_t),
+        FROM_Z=z is not None,
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=with_entropy,
+        EVEN_H=hidden.shape[1] % cfg["BLOCK_H"] == 0,
+        **cfg,
+    )
+
+
+def _splits_for(device, r, vt, kernel, dtype, splits):
+    """How many programs share a row block's columns: enough to fill the GPU, none of them empty."""
+    cfg = _config(kernel, device, dtype)
+    col_blocks = triton.cdiv(vt, cfg["BLOCK_V"])
+    want = splits or _num_splits(device, triton.cdiv(r, cfg["BLOCK_N"]), col_blocks)
+    cols_per_split = triton.cdiv(col_blocks, want) * cfg["BLOCK_V"]
+    return triton.cdiv(vt, cols_per_split)
+
+
+def _partials(slots: int, n: int, device: torch.device) -> torch.Tensor:
+    """(4, slots, N) running max, sum, entropy sum and target logit; a slot no program writes stays neutral."""
+    part = torch.zeros(4, slots, n, dtype=torch.float32, device=device)
+    part[0] = float("-inf")
+    return part
+
+
 def forward_stats(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
@@ -267,58 +364,57 @@ def forward_stats(
     inv_t: float,
     with_entropy: bool,
     splits: int | None = None,
+    tile: tuple[int, int] | None = None,  # (rows, cols) of a float32 logits tile in "cublas" mode
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row float32 (logsumexp, target logit, entropy or None) of ``(hidden @ W.T + bias) * inv_t``."""
-    n, hdim = hidden.shape
+    n = hidden.shape[0]
     vocab = weight.shape[0]
-    cfg = _config("forward", hidden.device, hidden.dtype)
     if n == 0:
         empty = hidden.new_empty(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone() if with_entropy else None
-    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    col_blocks = triton.cdiv(vocab, cfg["BLOCK_V"])
-    splits = splits or _num_splits(hidden.device, row_blocks, col_blocks)
-    # Whole BLOCK_V tiles per split, and no empty split (an empty one would hold m = -inf, s = 0).
-    cols_per_split = triton.cdiv(col_blocks, splits) * cfg["BLOCK_V"]
-    splits = triton.cdiv(vocab, cols_per_split)
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
-    m, s, c, tz = part.unbind(0)
-    _forward_kernel[(row_blocks, splits)](
-        hidden,
-        weight,
-        hidden if bias is None else bias,
-        token_ids,
-        m,
-        s,
-        c,
-        tz,
-        n,
-        vocab,
-        hdim,
-        cols_per_split,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        float(inv_t),
-        HAS_BIAS=bias is not None,
-        WITH_ENTROPY=with_entropy,
-        EVEN_H=hdim % cfg["BLOCK_H"] == 0,
-        **cfg,
-    )
+    if MATMUL == "fused":
+        k = _splits_for(hidden.device, n, vocab, "forward", hidden.dtype, splits)
+        part = _partials(k, n, hidden.device)
+        _launch_forward(
+            hidden, weight, None, bias, token_ids, part, 0, n, 0, vocab, 0, inv_t, with_entropy, k
+        )
+    else:
+        rows, cols = tile or (n, vocab)
+        k = _splits_for(hidden.device, rows, cols, "fold", hidden.dtype, splits)
+        part = _partials(k * triton.cdiv(vocab, cols), n, hidden.device)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            for j, v0 in enumerate(range(0, vocab, cols)):
+                v1 = min(v0 + cols, vocab)
+                z = _mm_f32(hidden[r0:r1], weight[v0:v1].t())  # (r, v) float32
+                _launch_forward(
+                    hidden,
+                    weight,
+                    z,
+                    bias,
+                    token_ids,
+                    part,
+                    r0,
+                    r1 - r0,
+                    v0,
+                    v1 - v0,
+                    j * k,
+                    inv_t,
+                    with_entropy,
+                    k,
+                )
+                del z
+    m, s, c, tz = part.unbind(0)  # (slots, N) each
     top = m.amax(0)  # (N,)
-    scale = torch.exp(m - top)  # (splits, N)
+    scale = torch.exp(m - top)  # (slots, N)
     total = (s * scale).sum(0)
     log_total = torch.log(total)
     lse = top + log_total
-    target = tz.sum(0)
     entropy = None
     if with_entropy:
-        c_top = torch.where(
-            s > 0, scale * (c + s * (m - top)), 0.0
-        )  # each split's c relative to the global max
+        c_top = torch.where(s > 0, scale * (c + s * (m - top)), 0.0)  # each slot's c relative to the max
         entropy = log_total - c_top.sum(0) / total
-    return lse, target, entropy
+    return lse, tz.sum(0), entropy
 
 
 def dlogits(
@@ -336,13 +432,15 @@ def dlogits(
     """The gradient w.r.t. the logits tile (R, VT), in ``h``'s dtype, recomputed from the saved logsumexp."""
     r, hdim = h.shape
     vt = w.shape[0]
-    cfg = _config("dlogits", h.device, h.dtype)
+    z = None if MATMUL == "fused" else _mm_f32(h, w.t())  # (R, VT) float32
+    cfg = _config("dlogits" if z is None else "fold", h.device, h.dtype)
     dz = torch.empty(r, vt, dtype=h.dtype, device=h.device)
     dummy = lse
     grid = (triton.cdiv(r, cfg["BLOCK_N"]), triton.cdiv(vt, cfg["BLOCK_V"]))
     _dlogits_kernel[grid](
         h,
         w,
+        h if z is None else z,
         h if b is None else b,
         targets,
         lse,
@@ -358,8 +456,10 @@ def dlogits(
         h.stride(1),
         w.stride(0),
         w.stride(1),
+        0 if z is None else z.stride(0),
         dz.stride(0),
         float(inv_t),
+        FROM_Z=z is not None,
         HAS_BIAS=b is not None,
         HAS_G=g is not None,
         HAS_GE=g_ent is not None,
