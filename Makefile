@@ -8,6 +8,9 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 ARGS ?=
+# Keep the working directory off sys.path: the top-level `kernels/` folder must never shadow Hugging Face's
+# `kernels` package (transformers and bitsandbytes import it); the project installs it as lightning_gspo.kernels.
+export PYTHONSAFEPATH := 1
 
 .PHONY: install dev train test lint format test-gpu bench clean
 
@@ -37,10 +40,10 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -m "not gpu" -q --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not gpu" -q --durations=15 $(PYTEST_ARGS)
 
 test-gpu: $(VENV)/.dev
-	$(PY) -m pytest -m gpu -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m gpu -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/policy_loss.py

@@ -71,7 +71,9 @@ def _check_spec(
             f"epsilon_low={epsilon_low} and epsilon_high={epsilon_high} must be >= 0 (they are clip widths)."
         )
     if delta is not None and delta <= 1 + epsilon_high:
-        raise ValueError(f"delta={delta} must be greater than 1 + epsilon_high = {1 + epsilon_high}, or None.")
+        raise ValueError(
+            f"delta={delta} must be greater than 1 + epsilon_high = {1 + epsilon_high}, or None."
+        )
     if beta < 0:
         raise ValueError(f"beta={beta} must be >= 0.")
     if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
@@ -91,15 +93,22 @@ def _check_spec(
     )
 
 
-def _check_tensors(per_token_logps, old_per_token_logps, advantages, completion_mask, ref_per_token_logps, beta):
+def _check_tensors(
+    per_token_logps, old_per_token_logps, advantages, completion_mask, ref_per_token_logps, beta
+):
     if per_token_logps.dim() != 2:
         raise ValueError(f"per_token_logps must be (B, T), got shape {tuple(per_token_logps.shape)}.")
     if not per_token_logps.is_floating_point():
         raise ValueError(f"per_token_logps must be a floating tensor, got {per_token_logps.dtype}.")
     shape = per_token_logps.shape
-    for name, t in (("old_per_token_logps", old_per_token_logps), ("ref_per_token_logps", ref_per_token_logps)):
+    for name, t in (
+        ("old_per_token_logps", old_per_token_logps),
+        ("ref_per_token_logps", ref_per_token_logps),
+    ):
         if t is not None and t.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match per_token_logps {tuple(shape)}.")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; it must match per_token_logps {tuple(shape)}."
+            )
     if completion_mask.shape != shape:
         raise ValueError(
             f"completion_mask has shape {tuple(completion_mask.shape)}; it must match per_token_logps "
@@ -110,7 +119,9 @@ def _check_tensors(per_token_logps, old_per_token_logps, advantages, completion_
             f"advantages must be (B,) = ({shape[0]},), one per sequence; got {tuple(advantages.shape)}."
         )
     if beta > 0 and ref_per_token_logps is None:
-        raise ValueError("beta > 0 needs ref_per_token_logps (the reference model's log-probs); pass them or set beta=0.")
+        raise ValueError(
+            "beta > 0 needs ref_per_token_logps (the reference model's log-probs); pass them or set beta=0."
+        )
 
 
 def triton_available(device: torch.device) -> tuple[bool, str]:
@@ -176,9 +187,11 @@ def policy_loss(
         use_bias_correction_kl,
         max_completion_length,
     )
-    _check_tensors(per_token_logps, old_per_token_logps, advantages, completion_mask, ref_per_token_logps, beta)
+    _check_tensors(
+        per_token_logps, old_per_token_logps, advantages, completion_mask, ref_per_token_logps, beta
+    )
     which = resolve_backend(backend, per_token_logps.device)
-    if spec.level == "sequence" and spec.loss_type != "grpo":
+    if spec.level != "token" and spec.loss_type != "grpo":
         _warn_length_weighting(spec.loss_type)
     mask = completion_mask.bool()
     if old_per_token_logps is None:
@@ -198,9 +211,14 @@ def policy_loss(
     else:
         impl = torch_policy_loss
     return impl(
-        per_token_logps, old_per_token_logps.detach(), advantages.detach(), mask,
-        None if ref_per_token_logps is None else ref_per_token_logps.detach(), spec, normaliser,
-    )  # fmt: skip
+        per_token_logps,
+        old_per_token_logps.detach(),
+        advantages.detach(),
+        mask,
+        None if ref_per_token_logps is None else ref_per_token_logps.detach(),
+        spec,
+        normaliser,
+    )
 
 
 def _warn_length_weighting(loss_type: str) -> None:
@@ -222,9 +240,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def aggregate(per_token_loss, mask, spec: LossSpec, normaliser):
     """Reduce a (B, T) per-token loss, already zero where ``mask`` is False, as ``spec.loss_type`` asks."""
+    if mask.shape[0] == 0:  # no rows at all: a zero that still carries a (zero) gradient
+        return per_token_loss.sum()
     if spec.loss_type == "grpo":
         lengths = mask.sum(-1).clamp(min=1).to(per_token_loss.dtype)
-        return (per_token_loss.sum(-1) / lengths).mean() if mask.shape[0] else per_token_loss.sum()
+        return (per_token_loss.sum(-1) / lengths).mean()
     if spec.loss_type == "bnpo":
         return per_token_loss.sum() / mask.sum().clamp(min=1).to(per_token_loss.dtype)
     if spec.loss_type == "dr_grpo":
@@ -261,8 +281,10 @@ def finish_metrics(
 
 
 def _nan_reduce(x: torch.Tensor, op) -> torch.Tensor:
-    x = x[~torch.isnan(x)]
-    return op(x) if x.numel() else torch.tensor(float("nan"), device=x.device)
+    """min or max ignoring NaN, NaN when nothing is left; no host synchronisation."""
+    fill = float("inf") if op is torch.min else float("-inf")
+    out = op(torch.where(torch.isnan(x), torch.full_like(x, fill), x)) if x.numel() else x.new_tensor(fill)
+    return torch.where(torch.isinf(out) & (out == fill), torch.full_like(out, float("nan")), out)
 
 
 def torch_policy_loss(logps, old, advantages, mask, ref, spec: LossSpec, normaliser):

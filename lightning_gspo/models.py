@@ -65,7 +65,7 @@ TINY_DEFAULTS = dict(
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=512,
+    max_position_embeddings=2048,
     tie_word_embeddings=True,
     rope_theta=10000.0,
     seed=0,
@@ -143,7 +143,8 @@ def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) 
 def resolve_path(cfg: ModelConfig) -> str:
     """The directory or hub name ``from_pretrained`` gets; builds the tiny model first when asked for."""
     if cfg.name_or_path.startswith(TINY_PREFIX):
-        return str(build_tiny_model(cfg.tiny_dir, cfg.name_or_path[len(TINY_PREFIX) :], **cfg.tiny))
+        vocab = cfg.name_or_path[len(TINY_PREFIX) :]
+        return str(build_tiny_model(Path(cfg.tiny_dir) / vocab, vocab, **cfg.tiny))
     local = Path(cfg.name_or_path).expanduser()
     looks_local = cfg.name_or_path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").exists():

@@ -106,6 +106,7 @@ class GSPOModule(L.LightningModule):
         self._window = MetricWindow()
         self._last_logged_step = 0
         self._position: tuple[int, int, int] | None = None
+        self._pending_rng = None
 
     def _build_reference(self):
         if hasattr(self.policy, "disable_adapter"):
@@ -137,6 +138,12 @@ class GSPOModule(L.LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         cfg = self.config
+        if self._pending_rng is not None:
+            cpu, cuda = self._pending_rng
+            torch.set_rng_state(cpu)
+            if cuda is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(cuda)
+            self._pending_rng = None
         if batch.is_first or self._rollout is None:
             self._rollout = self._make_rollout(batch.records)
         micro = self._rollout.micro_batch(batch.repeat % self.spg, cfg.per_device_train_batch_size)
@@ -371,9 +378,9 @@ class GSPOModule(L.LightningModule):
             saved = dict(state["rollout"])
             texts = saved.pop("texts")
             self._rollout = Rollout(**saved, texts=texts)
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # Applied at the next training step: Lightning draws from the global generator while it sets up (the
+        # data loader's base seed), which the uninterrupted run did before the checkpoint, not after it.
+        self._pending_rng = (state["rng"], state["cuda_rng"])
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if state["position"] is not None:
             if hasattr(dm, "resume_after"):

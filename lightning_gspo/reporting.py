@@ -50,7 +50,7 @@ def completion_rows(
 ) -> list[dict[str, Any]]:
     rows = []
     for i in range(min(limit, len(completions))):
-        row = {"step_prompt": _short(prompts[i]), "completion": _short(completions[i])}
+        row = {"prompt": _short(prompts[i]), "completion": _short(completions[i])}
         row.update({n: round(float(rewards_per_func[i, j]), 4) for j, n in enumerate(names)})
         row["advantage"] = round(float(advantages[i]), 4)
         rows.append(row)

@@ -13,7 +13,10 @@ from lightning_gspo.data import PromptGroupDataModule
 from lightning_gspo.module import GSPOModule
 from lightning_gspo.tasks.arithmetic import make_dataset
 
-REWARDS = ["lightning_gspo.rewards.arithmetic.correctness_reward", "lightning_gspo.rewards.arithmetic.format_reward"]
+REWARDS = [
+    "lightning_gspo.rewards.arithmetic.correctness_reward",
+    "lightning_gspo.rewards.arithmetic.format_reward",
+]
 SMALL = dict(
     num_generations=4,
     per_device_train_batch_size=8,

@@ -66,7 +66,9 @@ def test_nanstd_matches_trl():
     torch.testing.assert_close(nanstd(x), trl_utils.nanstd(x), equal_nan=True)
 
 
-@pytest.mark.parametrize("bad", [dict(num_generations=3), dict(scale_rewards="max"), dict(reward_weights=[1, 2, 3])])
+@pytest.mark.parametrize(
+    "bad", [dict(num_generations=3), dict(scale_rewards="max"), dict(reward_weights=[1, 2, 3])]
+)
 def test_bad_input(bad):
     args = dict(num_generations=2) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):

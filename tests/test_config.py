@@ -6,12 +6,26 @@ from lightning_gspo.config import GSPOConfig
 
 # The Unsloth GSPO notebook's settings, as TRL users write them.
 UNSLOTH = dict(
-    per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=5e-6, adam_beta1=0.9,
-    adam_beta2=0.99, weight_decay=0.1, warmup_ratio=0.1, lr_scheduler_type="cosine", optim="adamw_8bit",
-    epsilon=3e-4, epsilon_high=4e-4, num_generations=8, max_prompt_length=1024, max_completion_length=1024,
-    max_grad_norm=0.1, temperature=0.9, num_train_epochs=2, importance_sampling_level="sequence",
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=4,
+    learning_rate=5e-6,
+    adam_beta1=0.9,
+    adam_beta2=0.99,
+    weight_decay=0.1,
+    warmup_ratio=0.1,
+    lr_scheduler_type="cosine",
+    optim="adamw_8bit",
+    epsilon=3e-4,
+    epsilon_high=4e-4,
+    num_generations=8,
+    max_prompt_length=1024,
+    max_completion_length=1024,
+    max_grad_norm=0.1,
+    temperature=0.9,
+    num_train_epochs=2,
+    importance_sampling_level="sequence",
     loss_type="dr_grpo",
-)  # fmt: skip
+)
 
 
 def test_unsloth_config_builds_and_resolves():
@@ -30,7 +44,9 @@ def test_off_policy_detection():
 def test_from_trl_carries_every_shared_field_and_reports_the_rest():
     trl = pytest.importorskip("trl")
     trl_fields = {k: v for k, v in UNSLOTH.items() if k not in ("warmup_ratio", "max_prompt_length")}
-    args = trl.GRPOConfig(output_dir="/tmp/lgspo-trl", use_cpu=True, use_vllm=True, warmup_steps=0.1, **trl_fields)
+    args = trl.GRPOConfig(
+        output_dir="/tmp/lgspo-trl", use_cpu=True, use_vllm=True, warmup_steps=0.1, **trl_fields
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = GSPOConfig.from_trl(args)

@@ -5,15 +5,17 @@ import types
 import lightning as L
 import pytest
 import torch
+from helpers import algo, logged, module_and_data, trainer
 
 import lightning_gspo.module as module_lib
-from helpers import algo, logged, module_and_data, trainer
 from lightning_gspo.module import GSPOModule
 from lightning_gspo.rollout import Rollout
 
 PRESETS = {
     "gspo": dict(importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4),
-    "gspo_token": dict(importance_sampling_level="sequence_token", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4),
+    "gspo_token": dict(
+        importance_sampling_level="sequence_token", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4
+    ),
     "grpo": dict(importance_sampling_level="token", loss_type="grpo", beta=0.04),
     "dr_grpo": dict(importance_sampling_level="token", loss_type="dr_grpo", scale_rewards="none"),
     "dapo": dict(loss_type="dapo", epsilon_high=0.28, mask_truncated_completions=True),
@@ -52,7 +54,9 @@ class _Recorder:
         return self.real(logps, old, *args, **kwargs)
 
 
-def test_off_policy_computes_old_logps_once_and_second_pass_sees_ratio_not_one(tiny_dir, tmp_path, monkeypatch):
+def test_off_policy_computes_old_logps_once_and_second_pass_sees_ratio_not_one(
+    tiny_dir, tmp_path, monkeypatch
+):
     rec = _Recorder(module_lib.policy_loss)
     monkeypatch.setattr(module_lib, "policy_loss", rec)
     module, data = module_and_data(tiny_dir, num_iterations=2)
@@ -92,7 +96,9 @@ def fixed_rollout(module: GSPOModule, n: int, seed: int = 0) -> Rollout:
     with torch.no_grad():
         _attach(module)
         current = module._logps(r, "old", entropy=False)[0]
-    r.old_logps = current + 0.3 * torch.randn(current.shape, generator=g)  # off-policy: ratios around 1 +- 0.3
+    r.old_logps = current + 0.3 * torch.randn(
+        current.shape, generator=g
+    )  # off-policy: ratios around 1 +- 0.3
     r.ref_logps = current + 0.1 * torch.randn(current.shape, generator=g)
     r.num_items = mask.sum().float()
     return r
@@ -111,8 +117,12 @@ def _grad_over_micro_batches(module: GSPOModule, r: Rollout) -> torch.Tensor:
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_accumulated_gradient_equals_full_batch_gradient(tiny_dir, loss_type, level):
     common = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, num_iterations=2)
-    full, _ = module_and_data(tiny_dir, per_device_train_batch_size=16, gradient_accumulation_steps=1, **common)
-    accum, _ = module_and_data(tiny_dir, per_device_train_batch_size=4, gradient_accumulation_steps=4, **common)
+    full, _ = module_and_data(
+        tiny_dir, per_device_train_batch_size=16, gradient_accumulation_steps=1, **common
+    )
+    accum, _ = module_and_data(
+        tiny_dir, per_device_train_batch_size=4, gradient_accumulation_steps=4, **common
+    )
     accum.policy.load_state_dict(full.policy.state_dict())
     for m in (full, accum):
         _attach(m)

@@ -55,12 +55,18 @@ def test_logprobs_match_a_hand_computation(tiny_dir):
     prompts = [torch.tensor([5, 13, 6, 16]), torch.tensor([7, 16])]
     completions = [torch.tensor([4, 5, EOS]), torch.tensor([8, EOS, PAD])]
     width = 4
-    ids = torch.stack([torch.cat([torch.full((width - len(p),), PAD), p, c]) for p, c in zip(prompts, completions)])
-    attn = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p) + 3)]) for p in prompts]).long()
+    ids = torch.stack(
+        [torch.cat([torch.full((width - len(p),), PAD), p, c]) for p, c in zip(prompts, completions)]
+    )
+    attn = torch.stack(
+        [torch.cat([torch.zeros(width - len(p)), torch.ones(len(p) + 3)]) for p in prompts]
+    ).long()
     cmask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
     attn[1, -1] = 0
     for impl in ("materialized", "fused"):
-        logps, ent = per_token_logps(model, ids, attn, cmask, temperature=0.7, impl=impl, compute_entropy=True)
+        logps, ent = per_token_logps(
+            model, ids, attn, cmask, temperature=0.7, impl=impl, compute_entropy=True
+        )
         for i, (p, c) in enumerate(zip(prompts, completions)):
             n = int(cmask[i].sum())
             seq = torch.cat([p, c[:n]]).unsqueeze(0)

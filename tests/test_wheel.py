@@ -16,7 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
         check=True,
     )
     (whl,) = out.glob("lightning_gspo-*.whl")
@@ -37,27 +48,42 @@ def test_wheel_installs_and_imports_without_source_tree(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    site = subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True)
+    site = subprocess.check_output(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    )
     site = Path(site.strip())
     # Dependencies come from the test environment's site-packages, listed in a .pth file: a path named there is
     # only appended to sys.path, so the editable install's finder in that directory stays inactive.
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+    )
     probe = (
         "import importlib.util, lightning_gspo, lightning_gspo.kernels as k, torch\n"
-        "assert lightning_gspo.__file__.startswith(%r), lightning_gspo.__file__\n"
+        f"assert lightning_gspo.__file__.startswith({str(site)!r}), lightning_gspo.__file__\n"
         "assert importlib.util.find_spec('kernels') is None or 'lightning_gspo' not in "
         "importlib.util.find_spec('kernels').origin\n"
         "loss, _ = k.policy_loss(torch.zeros(2, 3, requires_grad=True), None, torch.ones(2), torch.ones(2, 3))\n"
         "from importlib.resources import files\n"
         "assert files('lightning_gspo.conf').joinpath('config.yaml').is_file()\n"
         "print('ok', float(loss))\n"
-    ) % str(site)
+    )
     out = subprocess.run([py, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok -1.0")  # on-policy, A = 1: the clipped surrogate is -1 per token
-    cfg = subprocess.run([py, "-m", "lightning_gspo.train", "--cfg", "job"], cwd=tmp_path, capture_output=True,
-                         text=True)  # fmt: skip
+    cfg = subprocess.run(
+        [py, "-m", "lightning_gspo.train", "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert cfg.returncode == 0, cfg.stderr
     assert "importance_sampling_level: sequence" in cfg.stdout
+
+
+def test_repository_root_does_not_shadow_hf_kernels():
+    # The Makefile sets PYTHONSAFEPATH so `python -m ...` from the repository root keeps the top-level
+    # `kernels/` folder off sys.path; without it, `import kernels` would find our folder.
+    probe = "import importlib.util; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
+    env = {"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert str(ROOT / "kernels") not in out.stdout
