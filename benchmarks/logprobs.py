@@ -54,9 +54,11 @@ def materialised(hidden, weight, ids, temperature):
 def ours(backend, matmul=None):
     from lightning_gspo.kernels import logprobs_triton, selective_logprobs
 
+    default = dict(logprobs_triton.MATMUL)
+
     def fn(h, w, ids, t):
-        if matmul:  # read again by the backward, so it stays set until another method runs
-            logprobs_triton.MATMUL = matmul
+        # read again by the backward, so it stays set until another method runs
+        logprobs_triton.MATMUL = {k: matmul for k in default} if matmul else dict(default)
         return selective_logprobs(h, w, ids, temperature=t, backend=backend)
 
     return fn
@@ -76,12 +78,14 @@ def make_method(name):
     if name == "materialised":
         return materialised, ""
     if name.startswith("ours"):
-        parts = name.split("-")  # ours, ours-torch, ours-triton, ours-triton-cublas
+        # ours, ours-torch, ours-triton (its defaults), ours-triton-fused, ours-triton-cublas
+        parts = name.split("-")
         backend = parts[1] if len(parts) > 1 else "auto"
-        matmul = parts[2] if len(parts) > 2 else ("fused" if backend == "triton" else None)
-        note = (
-            "logits tiles from cuBLAS in float32, folded by the Triton kernels" if matmul == "cublas" else ""
-        )
+        matmul = parts[2] if len(parts) > 2 else None
+        note = {
+            "cublas": "logits tiles from cuBLAS in float32, folded by the Triton kernels (forward and backward)",
+            "fused": "logits formed by tl.dot inside the Triton kernels (forward and backward)",
+        }.get(matmul, "")
         return ours(backend, matmul), note
     if name == "trl":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -265,7 +269,15 @@ def main():
         return
 
     methods = args.methods or (
-        ["materialised", "ours-triton", "ours-torch", "trl", "liger"]
+        [
+            "materialised",
+            "ours-triton",
+            "ours-triton-fused",
+            "ours-triton-cublas",
+            "ours-torch",
+            "trl",
+            "liger",
+        ]
         if args.gpu
         else ["materialised", "ours", "trl"]
     )
@@ -334,7 +346,8 @@ def sweep(n, h, v, dtype):
 
     hidden, weight, ids, _ = inputs(n, h, v, dtype, "cuda", "full")
     hidden, weight = hidden.detach(), weight.detach()
-    kern.MATMUL = "fused"
+    default = dict(kern.MATMUL)
+    kern.MATMUL = {"forward": "fused", "dlogits": "fused"}
     lse_ref = kern.forward_stats(hidden, weight, None, ids, 1.0, False)[0]
     cols = 8192
     g = torch.randn(n, device="cuda")
@@ -343,7 +356,8 @@ def sweep(n, h, v, dtype):
     for kernel, shapes in (("forward", mm_shapes), ("dlogits", mm_shapes), ("fold", fold_shapes)):
         key = (kernel, "16bit")
         best = (float("inf"), kern.CUDA_BLOCKS[key])
-        kern.MATMUL = "cublas" if kernel == "fold" else "fused"
+        mode = "cublas" if kernel == "fold" else "fused"
+        kern.MATMUL = {"forward": mode, "dlogits": mode}
         for bn, bv, bh, warps, stages in shapes:
             kern.CUDA_BLOCKS[key] = dict(
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages
@@ -377,7 +391,7 @@ def sweep(n, h, v, dtype):
                 print(f"sweep {kernel} {bn}x{bv}x{bh} w{warps} s{stages}: failed {type(exc).__name__}: {exc}")
         kern.CUDA_BLOCKS[key] = best[1]
         print(f"sweep {kernel}: using {best[1]}", flush=True)
-    kern.MATMUL = "fused"
+    kern.MATMUL = default
     torch.cuda.empty_cache()
 
 

@@ -1,20 +1,22 @@
-"""Triton kernels for ``selective_logprobs``: a fused forward and a fused gradient-of-logits tile.
+"""Triton kernels for ``selective_logprobs``: the forward statistics and the gradient of a logits tile.
 
 Choices, and why:
 
 - Forward (Cut-Cross-Entropy style): each program owns a block of rows and a contiguous range of the
-  vocabulary. It forms each (BLOCK_N, BLOCK_V) logits tile with ``tl.dot`` over the hidden size, in registers,
-  and folds it at once into an online logsumexp (running max, sum of exponentials), the target logit and, for
-  the entropy, the sum of ``exp(z - m) (z - m)``. The logits never reach memory. The vocabulary is split
-  across programs so a few thousand rows still fill the GPU; the per-split partials (a few floats per row and
-  split) are merged in PyTorch, which costs O(N x splits).
-- Backward (hybrid): a kernel recomputes a tile of logits with ``tl.dot``, turns it into the gradient of the
-  logits (``g (onehot - p) / T``, plus the entropy term) and writes that tile once, in the input dtype. The
-  two gradient products ``dz @ W`` and ``dz.T @ h`` then run in cuBLAS on the tile: a fused Triton kernel
-  would have to add each tile's (BLOCK_N, H) and (BLOCK_V, H) partial gradients atomically, and at H = 4096
-  those atomics cost more than the one extra write and two reads of the tile (6 bytes per logit against 6H
-  FLOPs). The caller (``logprobs.py``) picks the live rows and the tile, so gradient sparsity and the frozen
-  head are handled there for both backends.
+  vocabulary. It takes each (BLOCK_N, BLOCK_V) logits tile and folds it at once into an online logsumexp
+  (running max, sum of exponentials), the target logit and, for the entropy, the sum of ``exp(z - m) (z - m)``.
+  The vocabulary is split across programs so a few thousand rows still fill the GPU; the per-split partials (a
+  few floats per row and split) are merged in PyTorch, which costs O(N x splits). The tile comes either from
+  ``tl.dot`` inside the kernel (``MATMUL["forward"] = "fused"``: the logits never reach memory) or from a
+  cuBLAS product written in float32 one (rows, columns) chunk at a time (``"cublas"``, the default on CUDA:
+  cuBLAS's higher matmul rate repays the write and read of the chunk, see ``MATMUL``).
+- Backward (hybrid): a kernel recomputes a tile of logits with ``tl.dot`` (or reads a cuBLAS chunk), turns
+  it into the gradient of the logits (``g (onehot - p) / T``, plus the entropy term) and writes that tile once,
+  in the input dtype. The two gradient products ``dz @ W`` and ``dz.T @ h`` then run in cuBLAS on the tile: a
+  fused Triton kernel would have to add each tile's (BLOCK_N, H) and (BLOCK_V, H) partial gradients
+  atomically, and at H = 4096 those atomics cost more than the one extra write and two reads of the tile (6
+  bytes per logit against 6H FLOPs). The caller (``logprobs.py``) picks the live rows and the tile, so
+  gradient sparsity and the frozen head are handled there for both backends.
 - float32 inputs use IEEE products (no TF32), to agree with PyTorch's default float32 matmul.
 - Under the interpreter (CPU tests) 16-bit operands are widened to float32 before ``tl.dot``: Triton 3.9's
   interpreter reads bfloat16 dot operands as raw integers and returns garbage.
@@ -260,19 +262,23 @@ def _dlogits_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
-# "fused": the logits are formed inside the kernels with tl.dot. "cublas": cuBLAS writes each tile of logits
-# in float32 and the same kernels read it (FROM_Z), at the cost of one write and one read of the tile.
-MATMUL = "fused"
+# How each kernel gets its logits. "fused": formed inside the kernel with tl.dot, never stored. "cublas": cuBLAS
+# writes each tile in float32 and the same kernel reads it (FROM_Z), at the cost of one write and one read of
+# the tile. On an H100 (bf16, H = 4096) cuBLAS runs at ~730 TFLOP/s against ~520 for these tl.dot loops, which
+# repays the tile traffic in the forward (33 ms against 40 for 16k x 152k logits); in the backward the two
+# come out even, and the fused kernel needs no float32 tile.
+MATMUL = {"forward": "cublas", "dlogits": "fused"}
 
-# Block shapes on CUDA, per kernel and operand width; module-level so a benchmark can sweep them. "fold" is the
-# FROM_Z variant of both kernels: memory-bound, no tl.dot.
+# Block shapes on CUDA, per kernel and operand width, the fastest of a sweep on an H100 (benchmarks/logprobs.py
+# --sweep); module-level so the benchmark can sweep them. "fold" is the FROM_Z variant of both kernels:
+# memory-bound, no tl.dot.
 CUDA_BLOCKS = {
-    ("forward", "16bit"): dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3),
-    ("dlogits", "16bit"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    ("forward", "16bit"): dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=4),
+    ("dlogits", "16bit"): dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=4),
     ("forward", "float32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),
     ("dlogits", "float32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),
-    ("fold", "16bit"): dict(BLOCK_N=32, BLOCK_V=256, BLOCK_H=16, num_warps=8, num_stages=2),
-    ("fold", "float32"): dict(BLOCK_N=32, BLOCK_V=256, BLOCK_H=16, num_warps=8, num_stages=2),
+    ("fold", "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=16, num_warps=4, num_stages=2),
+    ("fold", "float32"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=16, num_warps=4, num_stages=2),
 }
 
 
@@ -372,7 +378,7 @@ def forward_stats(
     if n == 0:
         empty = hidden.new_empty(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone() if with_entropy else None
-    if MATMUL == "fused":
+    if MATMUL["forward"] == "fused":
         k = _splits_for(hidden.device, n, vocab, "forward", hidden.dtype, splits)
         part = _partials(k, n, hidden.device)
         _launch_forward(
@@ -432,7 +438,7 @@ def dlogits(
     """The gradient w.r.t. the logits tile (R, VT), in ``h``'s dtype, recomputed from the saved logsumexp."""
     r, hdim = h.shape
     vt = w.shape[0]
-    z = None if MATMUL == "fused" else _mm_f32(h, w.t())  # (R, VT) float32
+    z = None if MATMUL["dlogits"] == "fused" else _mm_f32(h, w.t())  # (R, VT) float32
     cfg = _config("dlogits" if z is None else "fold", h.device, h.dtype)
     dz = torch.empty(r, vt, dtype=h.dtype, device=h.device)
     dummy = lse

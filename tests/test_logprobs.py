@@ -46,7 +46,7 @@ def matmul_mode(request, monkeypatch):
     """Both ways the Triton backend forms logits: tl.dot inside its kernels, or a float32 tile from a matmul."""
     from lightning_gspo.kernels import logprobs_triton
 
-    monkeypatch.setattr(logprobs_triton, "MATMUL", request.param)
+    monkeypatch.setattr(logprobs_triton, "MATMUL", {"forward": request.param, "dlogits": request.param})
     return request.param
 
 
@@ -378,7 +378,10 @@ def test_gpu_sizes_bf16(matmul_mode, frozen):
         ref = grads_of(lambda: reference(hidden, weight, ids), tensors, g)
         torch.testing.assert_close(ours[0].double(), ref[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours[1].double(), ref[1], atol=1e-4, rtol=1e-4)
+        assert len(ours[2]) == (1 if frozen else 2) and all(x is not None for x in ours[2])
         for a, b in zip(ours[2], ref[2]):
             scale = b.float().abs().max()
             assert (a.float() - b.float()).abs().max() <= 0.02 * scale, backend
-        assert frozen == (weight.grad is None)
+    if frozen:
+        selective_logprobs(hidden, weight, ids).sum().backward()
+        assert weight.grad is None
