@@ -9,7 +9,8 @@ Choices, and why:
   few floats per row and split) are merged in PyTorch, which costs O(N x splits). The tile comes either from
   ``tl.dot`` inside the kernel (``MATMUL["forward"] = "fused"``: the logits never reach memory) or from a
   cuBLAS product written in float32 one (rows, columns) chunk at a time (``"cublas"``, the default on CUDA:
-  cuBLAS's higher matmul rate repays the write and read of the chunk, see ``MATMUL``).
+  cuBLAS's higher matmul rate repays the write and read of the chunk, see ``MATMUL``). The backward has the
+  same two choices.
 - Backward (hybrid): a kernel recomputes a tile of logits with ``tl.dot`` (or reads a cuBLAS chunk), turns
   it into the gradient of the logits (``g (onehot - p) / T``, plus the entropy term) and writes that tile once,
   in the input dtype. The two gradient products ``dz @ W`` and ``dz.T @ h`` then run in cuBLAS on the tile: a
@@ -263,11 +264,12 @@ def _dlogits_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 # How each kernel gets its logits. "fused": formed inside the kernel with tl.dot, never stored. "cublas": cuBLAS
-# writes each tile in float32 and the same kernel reads it (FROM_Z), at the cost of one write and one read of
-# the tile. On an H100 (bf16, H = 4096) cuBLAS runs at ~730 TFLOP/s against ~520 for these tl.dot loops, which
-# repays the tile traffic in the forward (33 ms against 40 for 16k x 152k logits); in the backward the two
-# come out even, and the fused kernel needs no float32 tile.
-MATMUL = {"forward": "cublas", "dlogits": "fused"}
+# writes each chunk in float32 and the same kernel reads it (FROM_Z), at the cost of one write and one read of
+# the chunk. On an H100 (bf16, N = 16384, H = 4096, V = 151936) cuBLAS runs at ~720 TFLOP/s against ~520 for
+# these tl.dot loops, which repays the traffic: forward 35 ms against 41, backward 92 against 96, for a
+# float32 chunk of at most 2**27 logits (512 MB) more memory. The fused path stays, tested, for when memory
+# is tighter than time.
+MATMUL = {"forward": "cublas", "dlogits": "cublas"}
 
 # Block shapes on CUDA, per kernel and operand width, the fastest of a sweep on an H100 (benchmarks/logprobs.py
 # --sweep); module-level so the benchmark can sweep them. "fold" is the FROM_Z variant of both kernels:
