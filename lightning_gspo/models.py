@@ -1,15 +1,33 @@
-"""Policy and reference models: loading by name or path, and the tiny local model the demo and tests use.
+"""Policy and reference models: loading by name or path, LoRA and QLoRA, and the tiny local model.
 
 Everything loads through ``from_pretrained``, the tiny model included: it is written to a Hugging Face directory
 (config, safetensors, tokenizer files) first, so the path a real model takes is the path the tests take.
+
+Choices, and why:
+- LoRA goes through PEFT (``get_peft_model``), so adapters save, load and merge with the tools everyone uses.
+  With ``beta > 0`` the reference policy is the same network with its adapters disabled: no second copy of the
+  weights, which is what makes a KL term affordable on one GPU.
+- QLoRA: the base loads in 4 bits through bitsandbytes (``BitsAndBytesConfig``), then
+  ``prepare_model_for_kbit_training`` freezes it and keeps the small non-quantised weights in float32 (what TRL
+  does). Where CUDA is present the 4-bit model loads straight onto this process's GPU, because quantising on the
+  CPU and moving it afterwards is slow; without CUDA it stays on the CPU, where bitsandbytes runs too.
+- 4-bit weights cannot be trained, so ``load_in_4bit`` without ``lora`` is refused at construction.
+- LoRA target modules are checked against the model before PEFT sees them: a name that matches nothing would
+  otherwise leave that layer silently untrained. The error lists the model's linear layers.
+- Gradient checkpointing uses ``use_reentrant=False``: it needs no gradient-carrying inputs, so a frozen embedding
+  under LoRA works without hooks, and it gives the same gradients as running without it.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +37,98 @@ log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+QUANT_TYPES = ("nf4", "fp4")
+LORA_BIAS = ("none", "all", "lora_only")
+# PEFT's spellings, accepted as well as ours so a LoraConfig's keywords carry over.
+LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter (PEFT's ``LoraConfig``, task type causal LM)."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: float = 32
+    """Scale: the update is multiplied by alpha / r (PEFT's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (PEFT's lora_dropout). algorithm.disable_dropout turns it off too."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names (matched as name suffixes, e.g. 'q_proj'), a regular expression matched against full names,
+    or 'all-linear' (every linear layer but the output head)."""
+    bias: str = "none"
+    """Which biases train: 'none', 'all' or 'lora_only'."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full beside the adapters and saved with them, e.g. ['lm_head']."""
+
+    @classmethod
+    def from_value(cls, value: Any) -> LoraSettings | None:
+        if value is None or isinstance(value, LoraSettings):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"model.lora must be None or a mapping of LoRA settings, got {value!r}.")
+        values = {LORA_ALIASES.get(k, k): v for k, v in value.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                     for k in unknown]  # fmt: skip
+            raise ValueError(
+                f"model.lora has unknown keys: {', '.join(hints)}. Known keys: {', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"model.lora.r={self.r!r} must be a positive integer (the adapter's rank).")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha!r} must be > 0.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout={self.dropout!r} must be in [0, 1).")
+        if self.bias not in LORA_BIAS:
+            raise ValueError(
+                f"model.lora.bias={self.bias!r} is not one of {', '.join(map(repr, LORA_BIAS))}."
+            )
+        targets = self.target_modules
+        if isinstance(targets, (list, tuple)):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(
+                    f"model.lora.target_modules={targets!r} must be a non-empty list of module names, "
+                    "a regular expression, or 'all-linear'."
+                )
+            self.target_modules = list(targets)
+        elif not isinstance(targets, str) or not targets:
+            raise ValueError(
+                f"model.lora.target_modules={targets!r} must be a list of module names, a regular expression, "
+                "or 'all-linear'."
+            )
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(
+                isinstance(m, str) for m in self.modules_to_save
+            ):
+                raise ValueError(
+                    f"model.lora.modules_to_save={self.modules_to_save!r} must be a list of module names or None."
+                )
+            self.modules_to_save = list(self.modules_to_save)
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            modules_to_save=self.modules_to_save,
+            task_type="CAUSAL_LM",
+        )
 
 
 @dataclass
 class ModelConfig:
-    """How to load the policy (and, for beta > 0, the reference)."""
+    """How to load the policy (and, for beta > 0 without LoRA, the reference)."""
 
     name_or_path: str = "tiny:digits"
     """A hub name, a local directory, or 'tiny:<vocab>' for the built-in tiny model ('tiny:digits', 'tiny:ascii'),
@@ -38,6 +143,18 @@ class ModelConfig:
     """Where the tiny model is written (reused when it already exists with the same settings)."""
     tiny: dict[str, Any] = field(default_factory=dict)
     """Overrides for the tiny model's architecture: hidden_size, num_hidden_layers, seed, ..."""
+    lora: LoraSettings | dict | None = None
+    """None trains every weight; LoRA settings (a ``LoraSettings`` or its dict) train adapters only."""
+    load_in_4bit: bool = False
+    """Load the base weights in 4 bits with bitsandbytes (QLoRA). Needs ``lora``."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type: 'nf4' (QLoRA's) or 'fp4'."""
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    """Dtype the 4-bit layers compute in: 'bfloat16', 'float16' or 'float32' (the fastest on a CPU)."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantise the quantisation constants too (saves ~0.4 bits per weight)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant): less memory, ~30% slower."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,6 +164,51 @@ class ModelConfig:
                 f"model.name_or_path={self.name_or_path!r}: the tiny model's vocabularies are "
                 f"{', '.join(TINY_PREFIX + v for v in VOCABS)}."
             )
+        self.lora = LoraSettings.from_value(self.lora)
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"model.bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not one of {', '.join(QUANT_TYPES)}."
+            )
+        if self.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"model.bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r} is not one of "
+                f"{', '.join(COMPUTE_DTYPES)}."
+            )
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError(
+                "model.load_in_4bit=true with model.lora=null would train nothing: 4-bit weights cannot be "
+                "updated. Set model.lora (QLoRA: 4-bit base plus LoRA adapters) or model.load_in_4bit=false."
+            )
+        if not self.load_in_4bit:
+            defaults = {f.name: f.default for f in fields(self) if f.name.startswith("bnb_4bit_")}
+            changed = [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
+            if changed:
+                warnings.warn(
+                    f"model.load_in_4bit is false, so {', '.join('model.' + c for c in changed)} has no effect.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ``ModelConfig`` of a preset in ``conf/model/`` (e.g. 'qwen2.5-0.5b-instruct-qlora'), with overrides.
+
+    Presets are plain YAML files, one per option, so they read without Hydra; ``${oc.env:...}`` resolves.
+    """
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    folder = files("lightning_gspo.conf").joinpath("model")
+    path = folder.joinpath(f"{name}.yaml")
+    if not path.is_file():
+        known = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+        raise ValueError(f"no model preset {name!r}; the presets are {', '.join(known)}.")
+    values = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=True)
+    return ModelConfig(**{**values, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +328,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_causal_lm(cfg: ModelConfig):
+    """The policy as ``cfg`` describes it: quantised, checkpointed and wrapped in LoRA adapters as asked."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_path(cfg)
@@ -174,23 +337,150 @@ def load_causal_lm(cfg: ModelConfig):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.revision:
         kwargs["revision"] = cfg.revision
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(cfg)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise OSError(
             f"could not load model.name_or_path={cfg.name_or_path!r}: {err}. On a machine without a model hub, "
             "give a local directory or 'tiny:digits'."
         ) from err
+    return prepare_model(model, cfg)
+
+
+def bnb_config(cfg: ModelConfig):
+    """transformers' ``BitsAndBytesConfig`` for ``cfg``'s 4-bit settings; a clear error without bitsandbytes."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "model.load_in_4bit=true needs bitsandbytes, which cannot be imported "
+            f"({err}). Install it (pip install 'bitsandbytes>=0.45'), or train LoRA on unquantised weights with "
+            "model.load_in_4bit=false."
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype],
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+    )
+
+
+def prepare_model(model, cfg: ModelConfig):
+    """k-bit preparation, gradient checkpointing and LoRA, in that order (the order PEFT documents)."""
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched on below, non-reentrant; PEFT's own would be reentrant.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit layer for its CPU inference kernel the first time the layer runs in eval
+            # mode without gradients (generation); the repacked layer cannot train afterwards (that kernel has no
+            # backward). GRPO alternates generating and training, so the repacking stays off.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            f"model.gradient_checkpointing=true but {type(model).__name__} does not support gradient "
+            "checkpointing; set it to false."
+        )
+
+
+def apply_lora(model, lora: LoraSettings):
+    """Wrap ``model`` in PEFT LoRA adapters after checking that every target names a module of the model."""
+    from peft import get_peft_model
+
+    check_lora_targets(model, lora)
+    return get_peft_model(model, lora.to_peft())
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct last name components of the model's linear layers (what LoRA target_modules match)."""
+    names = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if name and (isinstance(module, torch.nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt")):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_lora_targets(model, lora: LoraSettings) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+
+    def matches(target: str) -> bool:
+        return any(n == target or n.endswith("." + target) for n in names)
+
+    problems = []
+    if isinstance(lora.target_modules, list):
+        if missing := [t for t in lora.target_modules if not matches(t)]:
+            problems.append(f"model.lora.target_modules: {missing} match no module")
+    elif lora.target_modules != "all-linear" and not any(re.fullmatch(lora.target_modules, n) for n in names):
+        problems.append(
+            f"model.lora.target_modules={lora.target_modules!r} (a regular expression) matches no module"
+        )
+    if missing := [m for m in lora.modules_to_save or [] if not matches(m)]:
+        problems.append(f"model.lora.modules_to_save: {missing} match no module")
+    if problems:
+        raise ValueError(
+            f"{'; '.join(problems)} of {type(model).__name__}. Its linear layers are named "
+            f"{', '.join(linear_layer_names(model))}; use some of those, or target_modules='all-linear'."
+        )
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A separate, frozen, eval-mode copy of ``model`` to serve as the reference policy."""
+    if is_quantized(model):
+        raise ValueError(
+            "a 4/8-bit model without adapters cannot be trained, and so has no reference to copy; "
+            "use LoRA adapters (the reference is then the base with adapters disabled)."
+        )
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
+    """Set every dropout probability to 0; says so when that includes LoRA's own dropout."""
+    lora_p = []
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.Dropout):
+            if "lora_dropout" in name and module.p > 0:
+                lora_p.append(module.p)
             module.p = 0.0
+    if lora_p:
+        warnings.warn(
+            f"disable_dropout=True also turns off the LoRA dropout (model.lora.dropout={max(lora_p)}) in "
+            f"{len(lora_p)} adapters; set algorithm.disable_dropout=false to keep it.",
+            UserWarning,
+            stacklevel=2,
+        )

@@ -63,6 +63,8 @@ class GSPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.config = cfg = _as_config(config)
+        # The loading recipe (quantisation, LoRA, checkpointing) is kept for exporting a merged model later.
+        self.model_config: ModelConfig | None = None
         if isinstance(model, (str, dict, ModelConfig)):
             mcfg = (
                 model
@@ -71,6 +73,7 @@ class GSPOModule(L.LightningModule):
                 if isinstance(model, dict)
                 else ModelConfig(name_or_path=model)
             )
+            self.model_config = mcfg
             self.policy = load_causal_lm(mcfg)
             tokenizer = tokenizer or load_tokenizer(mcfg)
         else:
@@ -109,8 +112,10 @@ class GSPOModule(L.LightningModule):
         self._pending_rng = None
 
     def _build_reference(self):
-        if hasattr(self.policy, "disable_adapter"):
-            return None  # PEFT: the reference is the same network with adapters disabled
+        from lightning_gspo.models import is_peft_model
+
+        if is_peft_model(self.policy):
+            return None  # PEFT: the reference is the same network with its adapters disabled (see _logps)
         return frozen_copy(self.policy)
 
     # ---- Lightning hooks ----

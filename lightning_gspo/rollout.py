@@ -163,8 +163,14 @@ def fused_unsupported(model) -> str | None:
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return f"the model's config sets {attr}={getattr(cfg, attr)}"
-    if lm.get_output_embeddings() is None or not hasattr(lm, lm.base_model_prefix):
+    head = lm.get_output_embeddings()
+    if head is None or not hasattr(lm, lm.base_model_prefix):
         return "the model has no separate backbone and output head"
+    if hasattr(head, "lora_A"):  # a PEFT LoRA layer: its weight is the base head's, without the update
+        return "the output head carries LoRA adapters (model.lora.target_modules names it)"
+    weight = getattr(head, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
+        return "the output head's weight is not a plain floating-point matrix (a quantised head?)"
     return None
 
 
