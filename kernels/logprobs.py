@@ -36,8 +36,9 @@ import math
 import torch
 from lightning_gspo.kernels.policy_loss import resolve_backend
 
-# A tile holds at most this many logits unless ``chunk_size`` says otherwise: 64 MB of float32 on the CPU,
-# 128 Mi logits (256 MB of bfloat16 gradient tile) on CUDA, where bigger products keep the tensor cores busy.
+# A tile holds at most this many logits unless ``chunk_size`` says otherwise: 64 MB of float32 on the CPU; on
+# CUDA 128 Mi logits (a 512 MB float32 chunk plus a 256 MB bfloat16 gradient tile), where bigger products keep
+# the tensor cores busy and 16k rows x 8k columns still fit.
 DEFAULT_TILE_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 27}
 # The narrowest vocabulary block a tile is given before rows are split into several blocks; as many rows as
 # possible share a tile so that each slice of the weight gradient is one long product.
