@@ -11,7 +11,10 @@ Choices, and why:
   ``prepare_model_for_kbit_training`` freezes it and keeps the small non-quantised weights in float32 (what TRL
   does). Where CUDA is present the 4-bit model loads straight onto this process's GPU, because quantising on the
   CPU and moving it afterwards is slow; without CUDA it stays on the CPU, where bitsandbytes runs too.
-- 4-bit weights cannot be trained, so ``load_in_4bit`` without ``lora`` is refused at construction.
+- 4-bit weights cannot be trained, so ``load_in_4bit`` without ``lora`` is refused at construction. Two
+  bitsandbytes details are handled here: its CPU inference repacking is kept off (a repacked layer cannot train
+  after the policy generates in eval mode), and a 4-bit layer's quantisation state, which checkpoints hold beside
+  the packed weight, is read back on load, so a QLoRA run resumes.
 - LoRA target modules are checked against the model before PEFT sees them: a name that matches nothing would
   otherwise leave that layer silently untrained. The error lists the model's linear layers.
 - Gradient checkpointing uses ``use_reentrant=False``: it needs no gradient-carrying inputs, so a frozen embedding
@@ -384,11 +387,26 @@ def prepare_model(model, cfg: ModelConfig):
             # backward). GRPO alternates generating and training, so the repacking stays off.
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+            if type(module).__name__ == "Linear4bit" and hasattr(module, "weight"):
+                module._register_load_state_dict_pre_hook(_load_4bit_quant_state, with_module=True)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     return model
+
+
+def _load_4bit_quant_state(module, state_dict, prefix, *args) -> None:
+    """A checkpoint holds a 4-bit layer as its packed weight plus the quantisation state bitsandbytes writes beside
+    it (``weight.absmax``, ``weight.quant_map``, ...). torch's loader knows only the weight, so a resumed QLoRA run
+    would stop on those keys; they are taken out here and become the layer's quantisation state."""
+    keys = [k for k in state_dict if k.startswith(prefix + "weight.")]
+    if not keys:
+        return
+    from bitsandbytes.functional import QuantState
+
+    stats = {k[len(prefix + "weight.") :]: state_dict.pop(k) for k in keys}
+    module.weight.quant_state = QuantState.from_dict(stats, device=module.weight.device)
 
 
 def enable_gradient_checkpointing(model) -> None:

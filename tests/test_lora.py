@@ -260,3 +260,17 @@ def test_presets_come_in_full_lora_and_qlora_variants():
         assert full.name_or_path == lora.name_or_path == qlora.name_or_path
     with pytest.raises(ValueError, match="no model preset 'qwen9'; the presets are"):
         load_preset("qwen9")
+
+
+def test_a_qlora_checkpoint_loads_back_strictly(tiny_dir, tmp_path):
+    """What a resumed run does: the 4-bit layers' quantisation state is in the state dict beside the weights."""
+    trained, _ = build(tiny_dir, QLORA)
+    perturb_adapters(trained.policy)
+    torch.save(trained.state_dict(), tmp_path / "state.pt")
+    assert any(k.endswith("weight.absmax") for k in trained.state_dict())
+    fresh, _ = build(tiny_dir, QLORA)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))  # strict
+    r = rollout()
+    torch.testing.assert_close(
+        logps(fresh.policy, r, "fused"), logps(trained.policy, r, "fused"), rtol=0, atol=0
+    )
