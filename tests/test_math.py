@@ -171,6 +171,8 @@ def test_malformed_rows_are_dropped_with_a_warning(tmp_path):
     assert ds["answer"] == ["4", "1200"]
     with pytest.raises(ValueError, match="has no column 'question'"):
         gsm8k.make_dataset(path)
+    with pytest.raises(FileNotFoundError, match="'missing.jsonl' does not exist"):
+        gsm8k.make_dataset("missing.jsonl")
     parquet = tmp_path / "mini.parquet"
     ds.rename_columns({"question": "q"}).remove_columns("prompt").map(
         lambda r: {"a": f"#### {r['answer']}"}

@@ -109,10 +109,13 @@ def make_dataset(
 
 
 def _load(source: str | Path, split: str, subset: str | None):
-    from lightning_gspo.data import load_prompts
+    from lightning_gspo.data import FILE_FORMATS, load_prompts
 
     text = str(source)
-    is_local = Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+    path = Path(text).expanduser()
+    if path.suffix in FILE_FORMATS and not path.exists():
+        raise FileNotFoundError(f"GSM8K data file {text!r} does not exist.")
+    is_local = path.exists() or text.startswith((".", "/", "~"))
     if is_local or subset is None:
         return load_prompts(source, split)
     import datasets
