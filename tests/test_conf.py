@@ -20,8 +20,10 @@ from lightning_gspo.rewards import resolve_reward_funcs
 from lightning_gspo.train import build
 
 CONF = files("lightning_gspo.conf")
-GROUPS = {g: sorted(p.name[:-5] for p in CONF.joinpath(g).iterdir() if p.name.endswith(".yaml"))
-          for g in ("algorithm", "model", "data", "reward", "trainer", "logger", "callbacks", "experiment")}  # fmt: skip
+GROUPS = {
+    g: sorted(p.name[:-5] for p in CONF.joinpath(g).iterdir() if p.name.endswith(".yaml"))
+    for g in ("algorithm", "model", "data", "reward", "trainer", "logger", "callbacks", "experiment")
+}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,12 +95,26 @@ def test_unsloth_experiment_reaches_the_module_unchanged(tmp_path):
     cfg = _compose(tmp_path, "experiment=unsloth_gspo", "logger=none", "callbacks=none")
     _, module, _ = build(cfg)
     expected = dict(
-        per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=5e-6, adam_beta1=0.9,
-        adam_beta2=0.99, weight_decay=0.1, warmup_ratio=0.1, lr_scheduler_type="cosine", optim="adamw_8bit",
-        epsilon=3e-4, epsilon_high=4e-4, num_generations=8, max_prompt_length=1024, max_completion_length=1024,
-        max_grad_norm=0.1, temperature=0.9, num_train_epochs=2, importance_sampling_level="sequence",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        learning_rate=5e-6,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        weight_decay=0.1,
+        warmup_ratio=0.1,
+        lr_scheduler_type="cosine",
+        optim="adamw_8bit",
+        epsilon=3e-4,
+        epsilon_high=4e-4,
+        num_generations=8,
+        max_prompt_length=1024,
+        max_completion_length=1024,
+        max_grad_norm=0.1,
+        temperature=0.9,
+        num_train_epochs=2,
+        importance_sampling_level="sequence",
         loss_type="dr_grpo",
-    )  # fmt: skip
+    )
     for key, value in expected.items():
         assert getattr(module.config, key) == value, key
 
@@ -121,8 +137,14 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
 
 def _cli(tmp_path, *overrides, timeout=600):
     env = {**os.environ, "PYTHONSAFEPATH": "1", "LIGHTNING_GSPO_CACHE": str(tmp_path)}
-    cmd = [sys.executable, "-m", "lightning_gspo.train", f"hydra.run.dir={tmp_path / 'run'}",
-           "trainer.enable_progress_bar=false", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_gspo.train",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
@@ -131,8 +153,15 @@ def _cli(tmp_path, *overrides, timeout=600):
 
 @pytest.mark.slow
 def test_cli_runs_from_the_repository_root(tmp_path):
-    rows, _ = _cli(tmp_path, "algorithm=dapo", "algorithm.max_steps=4", "algorithm.num_generations=4",
-                   "algorithm.per_device_train_batch_size=16", "model.tiny.num_hidden_layers=2")  # fmt: skip
+    rows, _ = _cli(
+        tmp_path,
+        "algorithm=dapo",
+        "algorithm.max_steps=4",
+        "algorithm.num_generations=4",
+        "algorithm.per_device_train_batch_size=16",
+        "model.tiny.num_hidden_layers=2",
+        "algorithm.logging_steps=1",
+    )
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 10_000
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -141,8 +170,15 @@ def test_cli_runs_from_the_repository_root(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_on_two_cpu_processes(tmp_path):
-    rows, out = _cli(tmp_path, "trainer=ddp_sim", "algorithm.max_steps=2", "algorithm.num_generations=4",
-                     "algorithm.per_device_train_batch_size=8", "algorithm.loss_type=dapo",
-                     "model.tiny.num_hidden_layers=2", "callbacks=none")  # fmt: skip
+    rows, out = _cli(
+        tmp_path,
+        "trainer=ddp_sim",
+        "algorithm.max_steps=2",
+        "algorithm.num_generations=4",
+        "algorithm.per_device_train_batch_size=8",
+        "algorithm.loss_type=dapo",
+        "model.tiny.num_hidden_layers=2",
+        "callbacks=none",
+    )
     assert [int(r["step"]) for r in rows] == [2]
     assert float(rows[0]["grad_norm"]) > 0 and "reward" in rows[0]
