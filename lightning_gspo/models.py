@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import logging
 import os
 import re
@@ -35,6 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# The tiny model lives in its own module; its names stay importable from here.
+from lightning_gspo.tiny import SPECIAL as SPECIAL
+from lightning_gspo.tiny import VOCABS as VOCABS
+from lightning_gspo.tiny import build_char_tokenizer as build_char_tokenizer
+from lightning_gspo.tiny import build_tiny_model as build_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -212,93 +217,6 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"no model preset {name!r}; the presets are {', '.join(known)}.")
     values = OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=True)
     return ModelConfig(**{**values, **overrides})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The tiny model: a Qwen2-architecture causal LM with a character-level tokenizer.
-
-VOCABS = {
-    # Digits and the arithmetic operators: RL from random weights learns fast on a narrow vocabulary.
-    "digits": list("0123456789+-*=") + [" "],
-    # Printable ASCII and newline: enough for GSM8K-style text and reasoning tags, slower to learn from scratch.
-    "ascii": [chr(c) for c in range(32, 127)] + ["\n"],
-}
-SPECIAL = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}
-TINY_DEFAULTS = dict(
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rope_theta=10000.0,
-    seed=0,
-)
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
-    "{% elif m['role'] == 'user' %}Q: {{ m['content'] }}\n"
-    "{% else %}A: {{ m['content'] }}<eos>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}A: {% endif %}"
-)
-
-
-def _byte_level(ch: str) -> str:
-    """The byte-level alphabet symbol of an ASCII character (GPT-2/Qwen: printable bytes stand for themselves,
-    the others, space and newline among them, are shifted past 255 in byte order)."""
-    b = ord(ch)
-    if 33 <= b <= 126:
-        return ch
-    return chr(256 + b) if b <= 32 else chr(256 + 33 + (b - 127))
-
-
-def build_char_tokenizer(vocab: str):
-    """A character-level Qwen2 tokenizer: byte-level BPE with no merges, so every character is one token.
-
-    Being a real ``Qwen2Tokenizer``, it loads through ``AutoTokenizer`` exactly as Qwen checkpoints do.
-    """
-    from transformers import Qwen2Tokenizer
-
-    specials = list(SPECIAL.values())
-    tokens = specials + [_byte_level(c) for c in VOCABS[vocab]]
-    tok = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token=None, **SPECIAL)
-    tok.padding_side = "left"
-    if vocab == "ascii":
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) -> Path:
-    """Write a randomly initialised tiny Qwen2 model and its tokenizer to ``path`` as a Hugging Face directory.
-
-    The directory is reused when it already holds a model built with the same settings.
-    """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    path = Path(path)
-    settings = {**TINY_DEFAULTS, **overrides, "vocab": vocab}
-    stamp = path / "lightning_gspo_tiny.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == settings:
-        return path
-    tokenizer = build_char_tokenizer(vocab)
-    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab")}
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **arch,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings["seed"])
-        model = Qwen2ForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    stamp.write_text(json.dumps(settings))
-    log.info("wrote the tiny model (%d parameters) to %s", sum(p.numel() for p in model.parameters()), path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
