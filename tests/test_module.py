@@ -208,7 +208,9 @@ def test_fused_and_materialized_log_probs_train_alike(tiny_dir, tmp_path):
     """One optimizer step from the same rollout gives the same parameters with either log-prob path."""
     params = {}
     for impl in ("materialized", "fused"):
-        module, _ = module_and_data(tiny_dir, logprobs_impl=impl, num_iterations=2, temperature=0.7, beta=0.04)
+        module, _ = module_and_data(
+            tiny_dir, logprobs_impl=impl, num_iterations=2, temperature=0.7, beta=0.04
+        )
         _attach(module)
         r = fixed_rollout(module, 16)
         # SGD, not Adam: Adam turns float noise on gradients that are zero in exact arithmetic (the key bias
