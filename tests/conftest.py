@@ -24,28 +24,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _tiny(tmp_path_factory, vocab: str):
+    from lightning_gspo.models import build_tiny_model
+
+    small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    return build_tiny_model(tmp_path_factory.mktemp(f"tiny_{vocab}") / "model", vocab, **small)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny digits model written once per session as a Hugging Face directory."""
-    from lightning_gspo.models import build_tiny_model
-
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny") / "model",
-        "digits",
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-    )
+    return _tiny(tmp_path_factory, "digits")
 
 
 @pytest.fixture(scope="session")
 def tiny_ascii_dir(tmp_path_factory):
-    from lightning_gspo.models import build_tiny_model
-
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny_ascii") / "model",
-        "ascii",
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-    )
+    """The tiny model with the printable-ASCII vocabulary and a chat template."""
+    return _tiny(tmp_path_factory, "ascii")

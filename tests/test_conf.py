@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
+from test_config import UNSLOTH
 
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.models import ModelConfig
@@ -94,27 +95,7 @@ def test_presets_select_the_algorithm(tmp_path):
 def test_unsloth_experiment_reaches_the_module_unchanged(tmp_path):
     cfg = _compose(tmp_path, "experiment=unsloth_gspo", "logger=none", "callbacks=none")
     _, module, _ = build(cfg)
-    expected = dict(
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=4,
-        learning_rate=5e-6,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        weight_decay=0.1,
-        warmup_ratio=0.1,
-        lr_scheduler_type="cosine",
-        optim="adamw_8bit",
-        epsilon=3e-4,
-        epsilon_high=4e-4,
-        num_generations=8,
-        max_prompt_length=1024,
-        max_completion_length=1024,
-        max_grad_norm=0.1,
-        temperature=0.9,
-        num_train_epochs=2,
-        importance_sampling_level="sequence",
-        loss_type="dr_grpo",
-    )
+    expected = UNSLOTH  # the Unsloth GSPO notebook's GRPOConfig, as tests/test_config.py writes it
     for key, value in expected.items():
         assert getattr(module.config, key) == value, key
 
