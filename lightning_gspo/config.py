@@ -96,9 +96,9 @@ class GSPOConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
-    optim: str = "adamw_torch"
-    """'adamw_torch', 'adamw_torch_fused', 'adamw_8bit' / 'adamw_bnb_8bit' or 'paged_adamw_8bit'
-    (bitsandbytes)."""
+    optim: str = "adamw_torch_fused"
+    """'adamw_torch_fused' (transformers' default with torch >= 2.8), 'adamw_torch', 'adamw_8bit' /
+    'adamw_bnb_8bit' or 'paged_adamw_8bit' (bitsandbytes)."""
     lr_scheduler_type: str = "linear"
     """'linear', 'cosine', 'constant' or 'constant_with_warmup'."""
     warmup_ratio: float = 0.0

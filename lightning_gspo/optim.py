@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -19,8 +20,16 @@ def build_optimizer(cfg: GSPOConfig, params: list[torch.nn.Parameter]) -> torch.
         weight_decay=cfg.weight_decay,
     )
     if cfg.optim in ("adamw_torch", "adamw_torch_fused"):
-        fused = cfg.optim == "adamw_torch_fused" and all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+        if cfg.optim == "adamw_torch_fused":  # one kernel per step, on CUDA and on the CPU alike
+            try:
+                return torch.optim.AdamW(params, fused=True, **kwargs)
+            except RuntimeError as err:  # a device or dtype the fused kernel lacks
+                warnings.warn(
+                    f"optim='adamw_torch_fused' is not available here ({err}); using adamw_torch.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return torch.optim.AdamW(params, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError as err:
