@@ -5,7 +5,7 @@
     python -P benchmarks/vs_trl.py --size qwen0.5b --steps 8 --seeds 1
 
 (``-P``, or ``PYTHONSAFEPATH=1``, keeps the repository's ``kernels/`` folder from shadowing Hugging Face's
-``kernels`` package.) Results and their reading: docs/benchmarks-vs-trl.md.
+``kernels`` package.) Results and their reading: docs/benchmarks.md, "End to end against TRL's GRPOTrainer".
 
 Both trainers get the same model directory (random weights, written once with ``save_pretrained``), the same
 prompts (``lightning_gspo.tasks.arithmetic.make_dataset``), the same reward functions (correctness 1.0,
