@@ -7,11 +7,20 @@ scores them, computes advantages, and (only when they are needed) old and refere
 takes its micro-batch of that rollout, computes the loss and accumulates gradients, stepping the optimizer every
 ``gradient_accumulation_steps`` micro-batches (manual optimization, TRL's semantics).
 
-- Old log-probs are computed only when the run is off-policy; on-policy the ratio is exactly 1 and
-  ``policy_loss`` uses the current log-probs, detached, saving a forward pass.
+- Old log-probs are needed only when the run is off-policy; on-policy the ratio is exactly 1 and
+  ``policy_loss`` uses the current log-probs, detached, saving a forward pass. Off-policy, when the whole first
+  pass over a generation batch runs before the next optimizer step (the default, ``steps_per_generation ==
+  gradient_accumulation_steps``) and the policy has no active dropout, the log-probs that pass computes with
+  gradients *are* the old log-probs, bit for bit: they are kept from it instead of a separate no-grad pass.
+  Otherwise (more micro-batches per generation than per optimizer step, or dropout) the separate pass runs.
 - The reference model exists only when ``beta > 0``, and never enters the checkpoint or the optimizer.
-- With ``beta = 0``, a micro-batch whose advantages are all zero has zero gradient and is skipped on one
-  process (under DDP every rank still runs its backward, so the collectives line up).
+- With ``beta = 0``, a completion whose advantage is zero has zero loss and zero gradient, so it is left out of
+  the forward and backward, and the loss is rescaled so the gradient is unchanged (``grpo`` and ``dr_grpo`` by
+  kept rows over rows, ``bnpo`` by kept tokens over tokens, ``dapo`` needs nothing: its normaliser is the
+  whole batch's). A micro-batch with nothing left is skipped on one process; under DDP every rank still runs
+  one row with its loss multiplied by 0, so the gradient collectives line up. TRL's clip-ratio metrics are
+  reproduced exactly (the left-out rows count as unclipped); the entropy metric is the mean over the scored
+  rows' tokens.
 - Checkpoints carry the rollout in flight, the accumulation position and the RNG state, so a resumed run
   continues exactly as an uninterrupted one.
 """
@@ -106,6 +115,7 @@ class GSPOModule(L.LightningModule):
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
         self._rollout: Rollout | None = None
         self._micro_steps = 0
+        self._old_from_first_pass = False
         self._window = MetricWindow()
         self._last_logged_step = 0
         self._position: tuple[int, int, int] | None = None
@@ -153,7 +163,8 @@ class GSPOModule(L.LightningModule):
             self._rollout = self._make_rollout(batch.records)
         micro = self._rollout.micro_batch(batch.repeat % self.spg, cfg.per_device_train_batch_size)
         skip = self.trainer.world_size == 1 and cfg.beta == 0 and not micro.advantages.any()
-        loss = torch.zeros((), device=self.device) if skip else self._micro_loss(micro)
+        record_old = self._old_from_first_pass and batch.repeat < self.spg
+        loss = torch.zeros((), device=self.device) if skip else self._micro_loss(micro, record_old)
         self._micro_steps += 1
         if self._micro_steps % cfg.gradient_accumulation_steps == 0:
             self._optimizer_step()
@@ -207,8 +218,15 @@ class GSPOModule(L.LightningModule):
             texts={"prompts": prompts, "completions": completions},
         )
         rollout.num_items = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
+        self._old_from_first_pass = False
         if cfg.is_off_policy or self.spg > cfg.gradient_accumulation_steps:
-            rollout.old_logps = self._logps_no_grad(rollout, "old")
+            if self._first_pass_is_on_policy():
+                # Filled row by row by the first pass (see training_step); rows it leaves out for a zero
+                # advantage are left out of every pass, so they are never read.
+                rollout.old_logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=self.device)
+                self._old_from_first_pass = True
+            else:
+                rollout.old_logps = self._logps_no_grad(rollout, "old")
         if cfg.beta > 0:
             rollout.ref_logps = self._logps_no_grad(rollout, "ref")
         lengths = mask.sum(1).float()
@@ -226,6 +244,13 @@ class GSPOModule(L.LightningModule):
         )
         self._last_rows = (prompts, completions, rewards, adv.advantages)
         return rollout
+
+    def _first_pass_is_on_policy(self) -> bool:
+        """Whether the first pass over a rollout made now computes its log-probs with the weights that sampled
+        it, deterministically: no optimizer step falls inside that pass (micro-steps ``m`` to ``m + spg - 1``
+        with an optimizer step after every ``gradient_accumulation_steps``-th), and no dropout is active."""
+        ga = self.config.gradient_accumulation_steps
+        return self._micro_steps % ga + self.spg <= ga and not has_active_dropout(self.policy)
 
     def _score(self, prompts, completions, completion_ids, mask, columns) -> torch.Tensor:
         """(B, R) rewards, NaN where a function returned None; a failing function stops the run by name."""
@@ -277,25 +302,34 @@ class GSPOModule(L.LightningModule):
             return per_token_logps(self.policy, *args)
 
     # ---- the loss and the optimizer ----
-    def _micro_loss(self, r: Rollout) -> torch.Tensor:
-        loss, metrics = self.micro_batch_loss(r)
+    def _micro_loss(self, r: Rollout, record_old: bool = False) -> torch.Tensor:
+        loss, metrics = self.micro_batch_loss(r, record_old)
         self.manual_backward(loss)
         self._window.add(reduce_mean(metrics, self.trainer.strategy))
         return loss.detach()
 
-    def micro_batch_loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch_loss(self, r: Rollout, record_old: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to backpropagate for one micro-batch of a rollout, already scaled for accumulation (TRL's
         rule: dapo's normaliser spans the accumulation window; the others are per-micro-batch means, divided by
-        the number of micro-batches in the window), and its metrics."""
+        the number of micro-batches in the window), and its metrics.
+
+        At ``beta = 0`` only rows with a non-zero advantage are computed, the loss rescaled so the gradient is
+        the whole micro-batch's. ``record_old``: this is the first pass and its log-probs are the old ones: the
+        ratio is taken as 1 and the computed rows' log-probs are written into ``r.old_logps`` (a view of the
+        rollout's)."""
         cfg = self.config
-        logps, entropy = self._logps(r, "policy", entropy=True)
+        keep, scale = self._scored_rows(r)
+        s = r if keep is None else r.rows(keep)
+        logps, entropy = self._logps(s, "policy", entropy=True)
+        if record_old:
+            r.old_logps[slice(None) if keep is None else keep] = logps.detach().to(r.old_logps.dtype)
         ga, world = cfg.gradient_accumulation_steps, self.trainer.world_size
         loss, metrics = policy_loss(
             logps,
-            r.old_logps,
-            r.advantages,
-            r.completion_mask,
-            r.ref_logps,
+            None if record_old or scale == 0 else s.old_logps,
+            s.advantages,
+            s.completion_mask,
+            s.ref_logps,
             importance_sampling_level=cfg.importance_sampling_level,
             loss_type=cfg.loss_type,
             epsilon_low=cfg.epsilon,
@@ -307,11 +341,33 @@ class GSPOModule(L.LightningModule):
             num_items_in_batch=r.num_items / world * ga / self.spg,
             backend=cfg.backend,
         )
-        m = r.completion_mask
+        if keep is not None:
+            loss = loss * scale
+            metrics = _with_left_out_rows(metrics, r, keep, cfg.importance_sampling_level)
+        m = s.completion_mask
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["loss"] = float(loss.detach())
         metrics["entropy"] = float(torch.where(m, entropy, 0).sum() / m.sum().clamp(min=1))
         return (loss if cfg.loss_type == "dapo" else loss / ga), metrics
+
+    def _scored_rows(self, r: Rollout) -> tuple[torch.Tensor | None, float]:
+        """Which rows to compute (None: all) and the factor that makes their loss the micro-batch's."""
+        if self.config.beta != 0:
+            return None, 1.0
+        keep = r.advantages != 0
+        n = int(keep.sum())
+        if n == keep.numel():
+            return None, 1.0
+        if n == 0:  # one row with a zero loss: a backward that lines up with the other ranks'
+            return torch.zeros(1, dtype=torch.long, device=keep.device), 0.0
+        rows = keep.nonzero().squeeze(1)
+        loss_type = self.config.loss_type
+        if loss_type == "dapo":
+            return rows, 1.0
+        if loss_type == "bnpo":
+            tokens = r.completion_mask.sum()
+            return rows, float(r.completion_mask[rows].sum() / tokens.clamp(min=1))
+        return rows, n / keep.numel()
 
     def _optimizer_step(self) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
@@ -362,6 +418,7 @@ class GSPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gspo"] = {
             "micro_steps": self._micro_steps,
+            "old_from_first_pass": self._old_from_first_pass,
             "position": self._position,
             "last_logged_step": self._last_logged_step,
             "window": (dict(self._window.sums), dict(self._window.counts)),
@@ -377,6 +434,7 @@ class GSPOModule(L.LightningModule):
         if not state:
             return
         self._micro_steps, self._last_logged_step = state["micro_steps"], state["last_logged_step"]
+        self._old_from_first_pass = state.get("old_from_first_pass", False)
         self._window.sums.update(state["window"][0])
         self._window.counts.update(state["window"][1])
         if state["rollout"] is not None:
@@ -397,3 +455,39 @@ class GSPOModule(L.LightningModule):
                     UserWarning,
                     stacklevel=2,
                 )
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward in training mode is random: a dropout layer with p > 0, or a dropout probability in the
+    model's config (attention dropout is applied functionally, outside any layer)."""
+    if not model.training:
+        return False
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any(
+        ("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in values.items()
+    )
+
+
+def _with_left_out_rows(metrics: dict, r: Rollout, keep: torch.Tensor, level: str) -> dict:
+    """TRL's clip metrics of the whole micro-batch from those of its computed rows: a left-out row (advantage 0)
+    is never clipped, so it adds to the denominators and puts a 0 into the per-row minimum and maximum."""
+    lengths = r.completion_mask.sum(1)
+    left_out = torch.ones_like(lengths, dtype=torch.bool)
+    left_out[keep] = False
+    if level == "token":
+        share = lengths[keep].sum() / lengths.sum().clamp(min=1)
+        zero_rows = bool((left_out & (lengths > 0)).any())
+    else:
+        share = torch.tensor(keep.numel() / lengths.numel())
+        zero_rows = bool(left_out.any())
+    out = dict(metrics)
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        out[key] = metrics[key] * share.to(metrics[key].dtype)
+    if zero_rows:
+        zero = torch.zeros_like(metrics["clip_ratio/low_min"])
+        out["clip_ratio/low_min"] = torch.fmin(metrics["clip_ratio/low_min"], zero)
+        out["clip_ratio/high_max"] = torch.fmax(metrics["clip_ratio/high_max"], zero)
+    return out

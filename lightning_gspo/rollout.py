@@ -39,15 +39,20 @@ class Rollout:
     texts: dict[str, list[Any]] = field(default_factory=dict)  # prompts, completions: for rewards and logs
 
     def micro_batch(self, index: int, size: int) -> Rollout:
-        """Rows ``index * size`` to ``(index + 1) * size``."""
-        rows = slice(index * size, (index + 1) * size)
+        """Rows ``index * size`` to ``(index + 1) * size``. Its tensors are views of this rollout's, so rows
+        written into the micro-batch's ``old_logps`` land in the rollout."""
+        return self.rows(slice(index * size, (index + 1) * size))
+
+    def rows(self, rows: slice | torch.Tensor) -> Rollout:
+        """The rollout of the given rows (a slice gives views; an index tensor gives copies)."""
+        picked = rows.tolist() if isinstance(rows, torch.Tensor) else None
         kw = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 value = value[rows]
             elif f.name == "texts":
-                value = {k: v[rows] for k, v in value.items()}
+                value = {k: v[rows] if picked is None else [v[i] for i in picked] for k, v in value.items()}
             kw[f.name] = value
         return Rollout(**kw)
 

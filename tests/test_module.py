@@ -54,18 +54,51 @@ class _Recorder:
         return self.real(logps, old, *args, **kwargs)
 
 
-def test_off_policy_computes_old_logps_once_and_second_pass_sees_ratio_not_one(
+def test_off_policy_takes_old_logps_from_the_first_pass_and_second_pass_sees_ratio_not_one(
     tiny_dir, tmp_path, monkeypatch
 ):
     rec = _Recorder(module_lib.policy_loss)
     monkeypatch.setattr(module_lib, "policy_loss", rec)
     module, data = module_and_data(tiny_dir, num_iterations=2)
     trainer(tmp_path, max_steps=4).fit(module, datamodule=data)  # 2 generation batches x 2 passes x 2 micro
-    # Old log-probs: one no-grad forward per micro-batch-sized chunk, once per generation batch.
-    assert module.forward_counts == {"policy": 8, "old": 4, "ref": 0}
+    # spg == gradient_accumulation_steps: the first pass runs before any update, so its log-probs are the old
+    # ones and no separate no-grad pass runs.
+    assert module.forward_counts == {"policy": 8, "old": 0, "ref": 0}
     first_pass, second_pass = rec.gaps[0:2] + rec.gaps[4:6], rec.gaps[2:4] + rec.gaps[6:8]
-    assert all(g < 1e-5 for g in first_pass)  # before any update the ratio is 1
+    assert first_pass == [None] * 4  # ratio exactly 1
     assert all(g > 1e-4 for g in second_pass)  # after an optimizer step it is not
+
+
+def test_old_logps_from_the_first_pass_train_as_a_separate_pass_does(tiny_dir, tmp_path, monkeypatch):
+    """The same run with old log-probs kept from the first pass and from TRL's separate no-grad pass ends with
+    the same weights: the two are the same numbers."""
+    weights = {}
+    for separate in (False, True):
+        if separate:
+            monkeypatch.setattr(GSPOModule, "_first_pass_is_on_policy", lambda self: False)
+        L.seed_everything(0)
+        module, data = module_and_data(tiny_dir, num_iterations=2, beta=0.04)
+        trainer(tmp_path / str(separate), max_steps=4).fit(module, datamodule=data)
+        assert module.forward_counts["old"] == (4 if separate else 0)
+        weights[separate] = module.policy.state_dict()
+    start = module_and_data(tiny_dir)[0].policy.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in weights[False].items())
+    for k, v in weights[True].items():
+        torch.testing.assert_close(weights[False][k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("case", ["more_micro_batches_than_accumulation", "dropout"])
+def test_separate_old_pass_when_the_first_pass_is_not_on_policy(tiny_dir, tmp_path, case):
+    if case == "dropout":
+        module, data = module_and_data(tiny_dir, num_iterations=2, disable_dropout=False)
+        module.policy.config.attention_dropout = 0.1
+    else:  # 4 micro-batches per generation, an optimizer step after every 2: the first pass spans an update
+        module, data = module_and_data(
+            tiny_dir, num_iterations=1, steps_per_generation=4, gradient_accumulation_steps=2
+        )
+    assert module.config.is_off_policy
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
+    assert module.forward_counts["old"] > 0
 
 
 def test_on_policy_does_no_extra_forward(tiny_dir, tmp_path, monkeypatch):
@@ -164,6 +197,7 @@ def test_ddp_gradient_equals_single_process(tiny_dir, tmp_path, loss_type):
     single, _ = module_and_data(tiny_dir, **{**overrides, "per_device_train_batch_size": 16})
     _attach(single)
     r = fixed_rollout(single, 16)
+    r.advantages[[1, 2, 9, 12, 13, 14]] = 0.0  # rows each rank leaves out (beta = 0)
     if loss_type == "bnpo":
         # bnpo normalises by each rank's own token count (TRL's definition), so ranks agree with one process
         # only when they hold equally many tokens: give both halves the same lengths.
@@ -186,6 +220,78 @@ def test_zero_advantage_micro_batch_is_skipped_at_beta_zero(tiny_dir):
     loss.backward()
     grads = [p.grad for p in module.policy.parameters() if p.grad is not None]
     assert all(g.abs().max() == 0 for g in grads)  # nothing to learn: what the training step skips
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+def test_zero_advantage_rows_are_left_out_with_the_same_gradient_and_metrics(
+    tiny_dir, monkeypatch, loss_type, level
+):
+    module, _ = module_and_data(tiny_dir, loss_type=loss_type, importance_sampling_level=level,
+                                epsilon=0.1, epsilon_high=0.1)  # fmt: skip
+    _attach(module)
+    r = fixed_rollout(module, 8)
+    r.advantages[[1, 2, 5]] = 0.0  # rows 1 (and others) carry tokens: they count in bnpo's normaliser
+    r.num_items = r.completion_mask.sum().float()
+    calls = []
+    real_logps = module._logps
+    monkeypatch.setattr(module, "_logps", lambda s, *a, **k: calls.append(s.completion_ids.shape[0])
+                        or real_logps(s, *a, **k))  # fmt: skip
+
+    def run(skip: bool):
+        module.policy.zero_grad()
+        with monkeypatch.context() as m:
+            if not skip:
+                m.setattr(module, "_scored_rows", lambda r: (None, 1.0))
+            loss, metrics = module.micro_batch_loss(r)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
+        return loss.detach(), metrics, grad
+
+    loss_all, metrics_all, grad_all = run(skip=False)
+    loss_kept, metrics_kept, grad_kept = run(skip=True)
+    assert calls == [8, 5]
+    assert grad_all.abs().max() > 0
+    torch.testing.assert_close(grad_kept, grad_all, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(loss_kept, loss_all, rtol=1e-5, atol=1e-7)
+    assert metrics_all["clip_ratio/region_mean"] > 0  # the metrics below are not trivially zero
+    for key, value in metrics_all.items():
+        if key != "entropy":  # the scored rows' entropy, by design
+            assert math.isclose(metrics_kept[key], value, rel_tol=1e-5, abs_tol=1e-7) or (
+                math.isnan(value) and math.isnan(metrics_kept[key])
+            ), (key, metrics_kept[key], value)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_left_out_rows_count_as_unclipped_in_the_min_and_max(tiny_dir, monkeypatch, level):
+    module, _ = module_and_data(tiny_dir, importance_sampling_level=level, epsilon=0.1)
+    _attach(module)
+    r = fixed_rollout(module, 8)
+    r.old_logps = module._logps(r, "old", entropy=False)[0].detach() + 1.0  # every ratio e^-1: below 1 - eps
+    r.advantages = -torch.ones(8)  # every computed row is clipped low, on every token
+    r.advantages[[0, 3]] = 0.0
+    _, kept = module.micro_batch_loss(r)
+    monkeypatch.setattr(module, "_scored_rows", lambda r: (None, 1.0))
+    _, full = module.micro_batch_loss(r)
+    assert full["clip_ratio/low_min"] == 0 and kept["clip_ratio/low_min"] == 0
+    assert full["clip_ratio/low_mean"] > 0.5
+    assert math.isclose(kept["clip_ratio/low_mean"], full["clip_ratio/low_mean"], rel_tol=1e-6)
+
+
+def test_all_zero_micro_batch_under_ddp_runs_one_row_with_zero_loss(tiny_dir, monkeypatch):
+    module, _ = module_and_data(tiny_dir)
+    _attach(module, world_size=2)
+    r = fixed_rollout(module, 8)
+    r.advantages.zero_()
+    rows = []
+    real_logps = module._logps
+    monkeypatch.setattr(module, "_logps", lambda s, *a, **k: rows.append(s.completion_ids.shape[0])
+                        or real_logps(s, *a, **k))  # fmt: skip
+    loss, _ = module.micro_batch_loss(r)
+    loss.backward()
+    assert rows == [1] and loss.item() == 0
+    grads = [p.grad for p in module.policy.parameters() if p.grad is not None]
+    assert grads and all(g.abs().max() == 0 for g in grads)  # a backward ran, and moved nothing
 
 
 def test_learning_rate_schedule_follows_transformers(tiny_dir):
