@@ -466,9 +466,7 @@ def has_active_dropout(model: torch.nn.Module) -> bool:
         return True
     config = getattr(model, "config", None)
     values = config.to_dict() if hasattr(config, "to_dict") else {}
-    return any(
-        ("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in values.items()
-    )
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in values.items())
 
 
 def _with_left_out_rows(metrics: dict, r: Rollout, keep: torch.Tensor, level: str) -> dict:
