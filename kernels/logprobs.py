@@ -9,7 +9,10 @@ the target of each row, in float32. Choices it makes, and why:
   ``entropy = log s - c / s`` needs no cancellation of two large numbers). Memory: O(tile + N), never O(N V).
 - The bias is added before the temperature division: ``logits = (hidden @ W.T + bias) / temperature``, the
   order in which a model's head and a sampler apply them.
-- The backward recomputes each tile from the saved logsumexp. ``dz = g (onehot - p) / T`` for the log-prob and
+- The backward recomputes each tile from the saved logsumexp, except when all the logits fit in one tile
+  (few rows, as in a CPU micro-batch of short completions): the PyTorch path then keeps that one tile of
+  log-probs from the forward, which saves the backward a (N, H) x (H, V) product for no more memory than the
+  tile the forward already used. ``dz = g (onehot - p) / T`` for the log-prob and
   ``dz = -g_H p (log p + H) / T`` for the entropy (so entropy returned and used in a loss gets its true
   gradient), then ``dhidden = dz @ W`` and ``dW = dz.T @ hidden``, accumulated in float32.
 - Gradient sparsity: rows whose incoming gradient (log-prob, and entropy if any) is exactly zero cost nothing
@@ -102,14 +105,17 @@ def _logits_tile(h, w, b, inv_t, acc_dtype):
     return z.mul_(inv_t)
 
 
-def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_logits):
-    """Per-row (logsumexp, target logit, entropy or None), one tile at a time."""
+def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_logits, keep_tile=False):
+    """Per-row (logsumexp, target logit, entropy or None), one tile at a time; and, with ``keep_tile`` when the
+    logits are a single tile, that tile's log-probs (N, V) for the backward (else None)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     target = torch.empty(n, dtype=acc, device=hidden.device)
     entropy = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
     rows, cols = _tile_plan(n, vocab, tile_logits)
+    kept = None
+    keep_tile = keep_tile and rows >= n and cols >= vocab and n > 0
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         h = _operand(hidden[r0:r1], acc)  # (r, H)
@@ -135,22 +141,28 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
                 c = alpha * (c + s * shift) + torch.linalg.vecdot(e, z)
             s = alpha * s + e.sum(1)
             m = m_new
+            if keep_tile:
+                kept = z  # z - m over the whole vocabulary: log p once log s is known
             del z, e
         log_s = torch.log(s)
+        if kept is not None:
+            kept.sub_(log_s[:, None])
         lse[r0:r1] = m + log_s
         target[r0:r1] = tz
         if with_entropy:
             entropy[r0:r1] = log_s - c / s
-    return lse, target, entropy
+    return lse, target, entropy, kept
 
 
-def _dlogits_torch(h, w, b, targets, v0, lse, entropy, g, g_ent, inv_t, acc_dtype):
+def _dlogits_torch(h, w, b, targets, v0, lse, entropy, g, g_ent, inv_t, acc_dtype, logp=None):
     """Gradient of the loss w.r.t. one recomputed logits tile, (r, v) in ``acc_dtype``.
 
     h (r, H), w (v, H) the head rows [v0, v0 + v), b (v,) or None, targets/lse/entropy/g/g_ent (r,)
     (entropy and g_ent None when the entropy carries no gradient; g None when the log-probs carry none).
+    ``logp``: the tile's log-probs kept from the forward (overwritten), or None to recompute them.
     """
-    logp = _logits_tile(h, w, b, inv_t, acc_dtype).sub_(lse[:, None])  # log p
+    if logp is None:
+        logp = _logits_tile(h, w, b, inv_t, acc_dtype).sub_(lse[:, None])  # log p
     p = torch.exp(logp)
     if g_ent is not None:
         # -p (g + g_H (log p + H)), the log-prob and entropy terms together
@@ -185,7 +197,7 @@ def _weight_grad_tile(
 
 
 def _backward(ctx, grad_logps, grad_entropy):
-    hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, token_ids, lse, entropy, kept = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if not ctx.with_entropy:
         grad_entropy = None
@@ -259,6 +271,7 @@ def _backward(ctx, grad_logps, grad_entropy):
                     ge_blk,
                     ctx.inv_t,
                     acc,
+                    None if kept is None else kept.index_select(0, rows),  # one tile: r0 = v0 = 0
                 )
             if need_b:
                 b_acc[v0:v1] += dz.sum(0, dtype=acc)
@@ -296,11 +309,13 @@ class SelectiveLogprobsFunction(torch.autograd.Function):
             lse, target, entropy = logprobs_triton.forward_stats(
                 hidden, weight, bias, token_ids, inv_t, with_entropy, tile=tile
             )
+            kept = None
         else:
-            lse, target, entropy = _forward_torch(
-                hidden, weight, bias, token_ids, inv_t, with_entropy, tile_logits
+            keep = any(ctx.needs_input_grad[:3])
+            lse, target, entropy, kept = _forward_torch(
+                hidden, weight, bias, token_ids, inv_t, with_entropy, tile_logits, keep_tile=keep
             )
-        ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy, kept)
         ctx.inv_t = inv_t
         ctx.with_entropy = with_entropy
         ctx.backend = backend
@@ -392,7 +407,9 @@ def selective_logprobs(
     Returns the log-probs (N,) in float32 (float64 for float64 inputs), or ``(logps, entropy)`` when
     ``return_entropy`` is True; both carry exact gradients to ``hidden``, ``weight`` (only when it requires
     grad) and ``bias``. The (N, V) logits are never held: memory is one tile of at most ``chunk_size`` logits
-    (default: 2**24 on the CPU, 2**27 on CUDA) plus O(N) per-row statistics.
+    (default: 2**24 on the CPU, 2**27 on CUDA) plus O(N) per-row statistics; when all the logits fit in one
+    tile the PyTorch backend keeps it between forward and backward instead of recomputing it, and its
+    backward then holds two tiles (the kept log-probs of the live rows and their gradient).
 
     ``backend``: ``"torch"`` (tiles of PyTorch matmuls), ``"triton"`` (fused Triton kernels, CUDA or
     ``TRITON_INTERPRET=1``; ``chunk_size`` then bounds only the backward's tiles) or ``"auto"`` (Triton on

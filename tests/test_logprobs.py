@@ -247,6 +247,45 @@ def test_zero_gradient_rows_cost_nothing(small_tiles, matmul_mode, monkeypatch, 
         torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=atol)
 
 
+@pytest.mark.filterwarnings("ignore:.*(NaN|invalid value):RuntimeWarning")  # the garbage row's forward
+@pytest.mark.parametrize("frozen", [False, True])
+def test_single_tile_is_kept_for_the_backward(monkeypatch, frozen):
+    """All logits in one tile: the backward reuses the forward's tile (no logits recomputed) and gives the
+    reference gradients, for sparse rows and an entropy gradient too."""
+    hidden, weight, bias, ids = make()
+    if frozen:
+        weight.requires_grad_(False)
+    n = hidden.shape[0]
+    g, g_ent = torch.zeros(n), torch.zeros(n)
+    live = torch.tensor([0, 3, 7, 8, 19])
+    g[live], g_ent[live[:3]] = torch.randn(5), torch.randn(3)
+    with torch.no_grad():
+        hidden[2] = float("nan")  # a padded row holding garbage, with zero gradient: must not leak
+    tiles = []
+    real_tile = lp_mod._logits_tile
+    monkeypatch.setattr(lp_mod, "_logits_tile", lambda h, *a: tiles.append(h.shape[0]) or real_tile(h, *a))
+    tensors = [t for t in (hidden, weight, bias) if t.requires_grad]
+    lp, ent, ours = grads_of(
+        lambda: selective_logprobs(hidden, weight, ids, bias=bias, return_entropy=True, backend="torch"),
+        tensors,
+        g,
+        g_ent,
+    )
+    assert tiles == [n]  # the forward's one tile, and nothing recomputed in the backward
+    keep = torch.arange(n) != 2
+    h_clean = hidden.detach()[keep].requires_grad_()
+    ref_tensors = [h_clean] + tensors[1:]
+    ref_lp, ref_ent, ref = grads_of(
+        lambda: reference(h_clean, weight, ids[keep], 1.0, bias), ref_tensors, g[keep], g_ent[keep]
+    )
+    torch.testing.assert_close(lp[keep].double(), ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[keep].double(), ref_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[0][keep].double(), ref[0].double(), atol=2e-5, rtol=2e-5)
+    assert not ours[0][~keep].any()
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=2e-5)
+
+
 def test_all_zero_gradient_skips_the_backward(monkeypatch):
     hidden, weight, bias, ids = make()
     counter = RecomputeCounter(lp_mod._dlogits_torch)
