@@ -8,8 +8,12 @@ Choices, and why:
 - Log-probs come from ``logits / temperature``, as TRL computes them, with position ids taken from the attention
   mask so left-padded rows see the positions they were generated with.
 - The fused path takes the backbone's last hidden states of the scored tokens only and never builds the (N, V)
-  logits; the materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
-  scaled logits).
+  logits. The completions of one group share their prompt, so the backbone runs each distinct prompt once
+  and the completions attend to its keys and values (selected per row, so gradients from every completion
+  flow back into the one prompt forward): G x (P + C) token positions become P + G x C, with the same numbers.
+  It needs a plain key/value cache; models with other caches, and gradient checkpointing (which turns the
+  cache off in training), take the whole sequences. The materialised path is kept for comparison and for heads
+  the fused one does not know (soft-capped or scaled logits).
 """
 
 from __future__ import annotations
@@ -195,9 +199,11 @@ def per_token_logps(
     if impl == "fused":
         lm = _unwrap(model)
         backbone = getattr(lm, lm.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, -c - 1 : -1]
+        hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c)
+        if hidden is None:
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, -c - 1 : -1]
         head = lm.get_output_embeddings()
         from lightning_gspo.kernels import selective_logprobs
 
@@ -234,3 +240,49 @@ def per_token_logps(
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             entropy = torch.where(completion_mask, entropy, torch.zeros_like(entropy))
     return logps, entropy
+
+
+def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """(first row of each run of identical neighbouring prompts (U,), each row's run (B,)), or None when no two
+    neighbours share a prompt."""
+    if prompt_ids.shape[0] < 2 or prompt_ids.shape[1] == 0:
+        return None
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    if not bool(same.any()):
+        return None
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c: int):
+    """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
+    distinct prompt run once; None when rows share no prompt or the model cannot (see the module notes)."""
+    from transformers.cache_utils import DynamicLayer
+
+    p = input_ids.shape[1] - c
+    if p < 1 or c < 1 or getattr(lm, "is_gradient_checkpointing", False):
+        return None
+    runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p])
+    if runs is None:
+        return None
+    first, row_run = runs
+    prompt = backbone(
+        input_ids=input_ids[first, :p],
+        attention_mask=attention_mask[first, :p],
+        position_ids=position_ids[first, :p],
+        use_cache=True,
+    )
+    cache = prompt.past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
+    completion = backbone(
+        input_ids=input_ids[:, p:],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, p:],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
+    return torch.cat([last_prompt, completion.last_hidden_state[:, :-1]], 1)

@@ -77,3 +77,75 @@ def test_logprobs_match_a_hand_computation(tiny_dir):
             p_ = logits.softmax(-1)
             torch.testing.assert_close(ent[i, :n].double(), -(p_ * p_.log()).sum(-1), rtol=1e-4, atol=1e-5)
         assert logps[1, 2] == 0 and ent[1, 2] == 0  # padding is zero, not garbage
+
+
+def _grouped_batch():
+    """Three prompts of different lengths (left-padded), in runs of 3, 1 and 2 completions."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.tensor([5, 13, 6, 16]), torch.tensor([7, 16]), torch.tensor([9, 12, 16])]
+    runs = [3, 1, 2]
+    width, c = 4, 5
+    rows, attn = [], []
+    for p, k in zip(prompts, runs):
+        for _ in range(k):
+            rows.append(
+                torch.cat([torch.full((width - len(p),), PAD), p, torch.randint(2, 17, (c,), generator=g)])
+            )
+            attn.append(torch.cat([torch.zeros(width - len(p)), torch.ones(len(p) + c)]))
+    ids, attn = torch.stack(rows), torch.stack(attn).long()
+    lengths = torch.tensor([5, 3, 1, 4, 5, 2])
+    cmask = torch.arange(c).unsqueeze(0) < lengths.unsqueeze(1)
+    attn[:, width:] = cmask.long()
+    return ids, attn, cmask
+
+
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(tiny_dir, monkeypatch):
+    import lightning_gspo.rollout as rollout_lib
+
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)))
+    ids, attn, cmask = _grouped_batch()
+    g = torch.randn(cmask.shape, generator=torch.Generator().manual_seed(2))
+    shapes = []
+    backbone = model.model
+    real_forward = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda **kw: shapes.append(tuple(kw["input_ids"].shape))
+                        or real_forward(**kw))  # fmt: skip
+
+    def run(shared: bool):
+        model.zero_grad()
+        with monkeypatch.context() as m:
+            if not shared:
+                m.setattr(rollout_lib, "_shared_prompt_hidden", lambda *a: None)
+            logps, ent = per_token_logps(model, ids, attn, cmask, 0.7, "fused", compute_entropy=True)
+        (logps * g).sum().backward()
+        return logps.detach(), ent, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    shapes.clear()
+    lp_shared, ent_shared, grads_shared = run(shared=True)
+    assert shapes == [(3, 4), (6, 5)]  # each distinct prompt once, then every completion
+    lp_whole, ent_whole, grads_whole = run(shared=False)
+    lp_mat, _ = per_token_logps(model, ids, attn, cmask, 0.7, "materialized")
+    assert lp_shared.abs().sum() > 0 and len(grads_shared) == len(grads_whole) > 10
+    torch.testing.assert_close(lp_shared, lp_whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp_shared, lp_mat.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_shared, ent_whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_shared, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_forward_is_not_used_where_it_cannot_be(tiny_dir, monkeypatch):
+    from lightning_gspo.rollout import _prompt_runs, _shared_prompt_hidden
+
+    ids, attn, cmask = _grouped_batch()
+    first, run = _prompt_runs(ids[:, :4], attn[:, :4])
+    assert first.tolist() == [0, 3, 4] and run.tolist() == [0, 0, 0, 1, 2, 2]
+    assert _prompt_runs(ids[[0, 3, 4], :4], attn[[0, 3, 4], :4]) is None  # no two neighbours share one
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), gradient_checkpointing=True))
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None  # no cache in training
+    model.gradient_checkpointing_disable()
+    assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5).shape == (
+        6,
+        5,
+        model.config.hidden_size,
+    )
