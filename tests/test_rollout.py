@@ -80,10 +80,10 @@ def test_logprobs_match_a_hand_computation(tiny_dir):
 
 
 def _grouped_batch():
-    """Three prompts of different lengths (left-padded), in runs of 3, 1 and 2 completions."""
+    """Three prompts of different lengths (left-padded), in runs of 4, 1 and 3 completions."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.tensor([5, 13, 6, 16]), torch.tensor([7, 16]), torch.tensor([9, 12, 16])]
-    runs = [3, 1, 2]
+    runs = [4, 1, 3]
     width, c = 4, 5
     rows, attn = [], []
     for p, k in zip(prompts, runs):
@@ -93,7 +93,7 @@ def _grouped_batch():
             )
             attn.append(torch.cat([torch.zeros(width - len(p)), torch.ones(len(p) + c)]))
     ids, attn = torch.stack(rows), torch.stack(attn).long()
-    lengths = torch.tensor([5, 3, 1, 4, 5, 2])
+    lengths = torch.tensor([5, 3, 1, 4, 4, 5, 2, 5])
     cmask = torch.arange(c).unsqueeze(0) < lengths.unsqueeze(1)
     attn[:, width:] = cmask.long()
     return ids, attn, cmask
@@ -102,14 +102,20 @@ def _grouped_batch():
 def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(tiny_dir, monkeypatch):
     import lightning_gspo.rollout as rollout_lib
 
+    monkeypatch.setattr(rollout_lib, "SHARE_MIN_SAVED_POSITIONS", 1)  # a tiny batch: share whatever it saves
     model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)))
     ids, attn, cmask = _grouped_batch()
     g = torch.randn(cmask.shape, generator=torch.Generator().manual_seed(2))
     shapes = []
     backbone = model.model
     real_forward = backbone.forward
-    monkeypatch.setattr(backbone, "forward", lambda **kw: shapes.append(tuple(kw["input_ids"].shape))
-                        or real_forward(**kw))  # fmt: skip
+
+    def spy(**kw):
+        x = kw.get("input_ids")
+        shapes.append(tuple((x if x is not None else kw["inputs_embeds"]).shape[:2]))
+        return real_forward(**kw)
+
+    monkeypatch.setattr(backbone, "forward", spy)
 
     def run(shared: bool):
         model.zero_grad()
@@ -122,7 +128,7 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(tiny_dir, m
 
     shapes.clear()
     lp_shared, ent_shared, grads_shared = run(shared=True)
-    assert shapes == [(3, 4), (6, 5)]  # each distinct prompt once, then every completion
+    assert shapes == [(3, 4), (8, 5)]  # each distinct prompt once, then every completion
     lp_whole, ent_whole, grads_whole = run(shared=False)
     lp_mat, _ = per_token_logps(model, ids, attn, cmask, 0.7, "materialized")
     assert lp_shared.abs().sum() > 0 and len(grads_shared) == len(grads_whole) > 10
@@ -133,19 +139,22 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(tiny_dir, m
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_shared_prompt_forward_is_not_used_where_it_cannot_be(tiny_dir, monkeypatch):
+def test_shared_prompt_forward_is_used_only_where_it_pays_and_works(tiny_dir, monkeypatch):
+    import lightning_gspo.rollout as rollout_lib
     from lightning_gspo.rollout import _prompt_runs, _shared_prompt_hidden
 
     ids, attn, cmask = _grouped_batch()
     first, run = _prompt_runs(ids[:, :4], attn[:, :4])
-    assert first.tolist() == [0, 3, 4] and run.tolist() == [0, 0, 0, 1, 2, 2]
-    assert _prompt_runs(ids[[0, 3, 4], :4], attn[[0, 3, 4], :4]) is None  # no two neighbours share one
+    assert first.tolist() == [0, 4, 5] and run.tolist() == [0, 0, 0, 0, 1, 2, 2, 2]
+    assert _prompt_runs(ids[[0, 4, 5], :4], attn[[0, 4, 5], :4]) is None  # no two neighbours share one
     model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), gradient_checkpointing=True))
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    # 5 rows x 4 = 20 prompt positions saved: fewer than pays for a second pass over the weights
+    assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None
+    monkeypatch.setattr(rollout_lib, "SHARE_MIN_SAVED_POSITIONS", 20)
     assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None  # no cache in training
     model.gradient_checkpointing_disable()
-    assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5).shape == (
-        6,
-        5,
-        model.config.hidden_size,
-    )
+    hidden = _shared_prompt_hidden(model, model.model, ids, attn, pos, 5)
+    assert hidden.shape == (8, 5, model.config.hidden_size)
+    monkeypatch.setattr(rollout_lib, "SHARE_MIN_SAVED_POSITIONS", 21)
+    assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None
