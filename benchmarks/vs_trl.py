@@ -335,6 +335,14 @@ def run_ours(job: dict, rec: Recorder) -> None:
     from lightning_gspo.tasks.arithmetic import make_dataset
 
     M = gm.GSPOModule
+    real_logps = M._logps
+
+    def counted_logps(self, r, which, entropy):  # completions that go through the policy's forward
+        if which == "policy":
+            rec.calls["policy rows"] += r.completion_ids.shape[0]
+        return real_logps(self, r, which, entropy)
+
+    M._logps = counted_logps
     rec.timed(gm, "generate", "generation")
     rec.timed(M, "_score", "reward scoring")
     rec.timed(M, "_logps_no_grad", "old log-probs")
@@ -541,6 +549,11 @@ def summarise(res: dict, job: dict) -> dict:
         "frac_reward_zero_std": statistics.fmean(res["frac_reward_zero_std"]),
         "skipped_micro_batches": calls.get("training_step (all)", 0) - calls.get("policy forward + loss", 0),
         "micro_batches": calls.get("training_step (all)", 0),
+        # lightning-gspo leaves zero-advantage completions out at beta = 0; TRL computes every one
+        "policy_rows": calls.get(
+            "policy rows", calls.get("training_step (all)", 0) * job["algo"]["per_device_train_batch_size"]
+        ),
+        "rows_offered": calls.get("training_step (all)", 0) * job["algo"]["per_device_train_batch_size"],
         **res["memory"],
     }
 
@@ -609,11 +622,11 @@ def report(size: str, runs: list[dict], job: dict) -> str:
     head = (
         "| trainer | seed | steps/s | completions/s | steps/s (median) | loop s | peak RSS training MiB | "
         "RSS at start MiB | process peak MiB | reward (last quarter) | reward by quarter | zero-std groups | "
-        "skipped micro-batches | others' cores (attempt) |"
+        "skipped micro-batches | completions through the policy | others' cores (attempt) |"
     )
     lines += [
         head,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         s = r["summary"]
@@ -624,6 +637,7 @@ def report(size: str, runs: list[dict], job: dict) -> str:
             f"{_fmt(s['rss_at_start_mib'], 0)} | {_fmt(s['process_peak_rss_mib'], 0)} | "
             f"{s['reward_last']:.3f} | "
             f"{q} | {s['frac_reward_zero_std']:.2f} | {s['skipped_micro_batches']}/{s['micro_batches']} | "
+            f"{s['policy_rows'] / max(s['rows_offered'], 1):.0%} | "
             f"{s['others_cores']:.2f} ({s['attempts']}) |"
         )
     by = {name: [r["summary"] for r in runs if r["trainer"] == name] for name in ("ours", "trl")}

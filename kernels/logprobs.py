@@ -205,7 +205,7 @@ def _backward(ctx, grad_logps, grad_entropy):
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     grad_h = torch.zeros_like(hidden) if need_h else None
-    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_w = None
     grad_b = torch.zeros_like(bias) if need_b else None
 
     live = None
@@ -213,12 +213,10 @@ def _backward(ctx, grad_logps, grad_entropy):
         live = grad_logps != 0
     if grad_entropy is not None:
         live = grad_entropy != 0 if live is None else live | (grad_entropy != 0)
-    if live is None or n == 0 or not (need_h or need_w or need_b):
-        return grad_h, grad_w, grad_b
-    rows = live.nonzero().squeeze(1)  # the one sync of the backward
-    m = rows.numel()
-    if m == 0:
-        return grad_h, grad_w, grad_b
+    rows = None if live is None or n == 0 else live.nonzero().squeeze(1)  # the one sync of the backward
+    m = 0 if rows is None else rows.numel()
+    if m == 0 or not (need_h or need_w or need_b):
+        return grad_h, torch.zeros_like(weight) if need_w else None, grad_b
 
     h_sel = hidden.index_select(0, rows)  # (M, H)
     t_sel = token_ids.index_select(0, rows)
@@ -229,6 +227,8 @@ def _backward(ctx, grad_logps, grad_entropy):
 
     rows_per_block, cols = _tile_plan(m, vocab, ctx.tile_logits)
     one_row_block = rows_per_block >= m
+    if need_w:  # one row block writes each vocabulary slice whole, once: no zero fill needed
+        grad_w = torch.empty_like(weight) if one_row_block else torch.zeros_like(weight)
     one_col_block = cols >= vocab
     dh = torch.zeros(m, hdim, dtype=acc, device=hidden.device) if need_h and not one_col_block else None
     # One row block writes each head slice once; several accumulate, in float32 when the head is not.
