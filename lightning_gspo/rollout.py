@@ -204,9 +204,14 @@ def per_token_logps(
         backbone = getattr(lm, lm.base_model_prefix)
         hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c)
         if hidden is None:
+            # The last token's own output predicts nothing we score, and under causal attention no earlier
+            # position sees it: it is left out of the forward.
             hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state[:, -c - 1 : -1]
+                input_ids=input_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, :-1],
+                use_cache=False,
+            ).last_hidden_state[:, -c:]
         head = lm.get_output_embeddings()
         from lightning_gspo.kernels import selective_logprobs
 
@@ -227,13 +232,13 @@ def per_token_logps(
             entropy = torch.zeros_like(logps).masked_scatter(completion_mask, ent_sel.detach())
         return logps, entropy
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=c + 1,
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        logits_to_keep=c,
         use_cache=False,
     )
-    logits = out.logits[:, -c - 1 : -1].float() / temperature  # (B, C, V)
+    logits = out.logits[:, -c:].float() / temperature  # (B, C, V)
     logp_all = logits.log_softmax(-1)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
@@ -287,7 +292,7 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
         return None
     cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     # Embedded once, so the embedding's (possibly dense, vocabulary-sized) gradient is formed once.
-    embeds = backbone.get_input_embeddings()(input_ids)
+    embeds = backbone.get_input_embeddings()(input_ids[:, :-1])  # the last token predicts nothing we score
     prompt = backbone(
         inputs_embeds=embeds[first, :p],
         attention_mask=attention_mask[first, :p],
@@ -298,13 +303,15 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     layers = getattr(cache, "layers", None)
     if not layers or not all(type(layer) is DynamicLayer for layer in layers):
         return None
+    last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
+    if c == 1:
+        return last_prompt
     cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
     completion = backbone(
         inputs_embeds=embeds[:, p:],
-        attention_mask=attention_mask,
-        position_ids=position_ids[:, p:],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, p:-1],
         use_cache=True,
         **{cache_arg: cache},
     )
-    last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
-    return torch.cat([last_prompt, completion.last_hidden_state[:, :-1]], 1)
+    return torch.cat([last_prompt, completion.last_hidden_state], 1)

@@ -128,7 +128,8 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(tiny_dir, m
 
     shapes.clear()
     lp_shared, ent_shared, grads_shared = run(shared=True)
-    assert shapes == [(3, 4), (8, 5)]  # each distinct prompt once, then every completion
+    # each distinct prompt once, then every completion but its last token (whose output predicts nothing)
+    assert shapes == [(3, 4), (8, 4)]
     lp_whole, ent_whole, grads_whole = run(shared=False)
     lp_mat, _ = per_token_logps(model, ids, attn, cmask, 0.7, "materialized")
     assert lp_shared.abs().sum() > 0 and len(grads_shared) == len(grads_whole) > 10
@@ -158,3 +159,18 @@ def test_shared_prompt_forward_is_used_only_where_it_pays_and_works(tiny_dir, mo
     assert hidden.shape == (8, 5, model.config.hidden_size)
     monkeypatch.setattr(rollout_lib, "SHARE_MIN_SAVED_POSITIONS", 21)
     assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None
+
+
+def test_shared_prompt_forward_with_one_completion_token(tiny_dir, monkeypatch):
+    import lightning_gspo.rollout as rollout_lib
+
+    monkeypatch.setattr(rollout_lib, "SHARE_MIN_SAVED_POSITIONS", 1)
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir))).eval()
+    ids, attn, cmask = _grouped_batch()
+    ids, attn, cmask = ids[:, :5], attn[:, :5], torch.ones(8, 1, dtype=torch.bool)
+    with torch.no_grad():
+        shared, _ = per_token_logps(model, ids, attn, cmask, 1.0, "fused")
+        monkeypatch.setattr(rollout_lib, "_shared_prompt_hidden", lambda *a: None)
+        whole, _ = per_token_logps(model, ids, attn, cmask, 1.0, "fused")
+    assert shared.abs().min() > 0
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-6)
