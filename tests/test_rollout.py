@@ -174,3 +174,42 @@ def test_shared_prompt_forward_with_one_completion_token(tiny_dir, monkeypatch):
         whole, _ = per_token_logps(model, ids, attn, cmask, 1.0, "fused")
     assert shared.abs().min() > 0
     torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_tied_embedding_rows_added_straight_into_the_gradient(tiny_dir, monkeypatch, shared):
+    """The embedding's gradient rows go straight into the tied matrix's .grad: the same gradients as torch's
+    dense embedding backward, padding row included, accumulated over two backward passes."""
+    import lightning_gspo.rollout as rollout_lib
+
+    monkeypatch.setattr(rollout_lib, "SHARE_MIN_SAVED_POSITIONS", 1 if shared else 10**9)
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)))
+    emb = model.get_input_embeddings()
+    assert emb.weight is model.get_output_embeddings().weight and emb.padding_idx == PAD
+    ids, attn, cmask = _grouped_batch()
+    ids[0, 5] = PAD  # the padding id as an attended token (as when pad == eos): its lookup gets no gradient
+    g = torch.randn(cmask.shape, generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = rollout_lib._tied_embeddings
+    monkeypatch.setattr(rollout_lib, "_tied_embeddings", lambda *a: calls.append(1) or real(*a))
+
+    def grads(direct: bool):
+        model.zero_grad(set_to_none=True)
+        with monkeypatch.context() as m:
+            if not direct:
+                m.setattr(rollout_lib, "_tied_embeddings", lambda *a: None)
+            for scale in (1.0, -0.5):  # two micro-batches into the same .grad
+                logps, _ = per_token_logps(model, ids, attn, cmask, 0.7, "fused")
+                (scale * logps * g).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    direct, dense = grads(True), grads(False)
+    assert len(calls) == 2 and direct.keys() == dense.keys()
+    for name, value in dense.items():
+        torch.testing.assert_close(direct[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    assert dense["model.embed_tokens.weight"][PAD].abs().sum() > 0  # the head's share reaches the pad row
+
+    with torch.no_grad():
+        assert real(model.model, model.lm_head, ids) is None  # nothing to add without a backward
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert real(model.model, model.lm_head, ids) is None  # DDP/FSDP hooks need the ordinary path
