@@ -264,9 +264,9 @@ def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
 
 
 # Sharing adds a backbone call (one more pass over the weights, forward and backward) to save the repeated
-# prompt positions. On the CPU it paid off only once a micro-batch saved a few hundred positions: a 0.5B model,
-# 8 completions of 16 tokens after a 96-token prompt, 4 per prompt, took 5.4 s instead of 10.9 s forward and
-# backward; with 4-token prompts (24 positions saved) it was 8% slower, and so was the 1M-parameter demo model.
+# prompt positions. On the CPU (benchmarks/logprob_step.py, docs/benchmarks.md) a 0.5B model's 8 completions of
+# 16 tokens after 96-token prompts, 4 per prompt, took 5.0 s instead of 10.6 s forward and backward; with
+# 4-token prompts (24 positions saved) it was 4% slower, and the 1M-parameter demo model lost 3.6 ms a step.
 SHARE_MIN_SAVED_POSITIONS = 256
 
 
