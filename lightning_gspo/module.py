@@ -373,11 +373,21 @@ class GSPOModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = self._clip_grad_norm(params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         self._window.add({"grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0]})
+
+    def _clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """torch's ``clip_grad_norm_``; under FSDP the root module's, which reduces the norm over the ranks'
+        shards (torch's, on a rank's own shards, would clip each rank by its own piece of the norm)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = getattr(self.trainer.strategy, "model", None)
+        if isinstance(root, FullyShardedDataParallel):
+            return root.clip_grad_norm_(max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _total_optimizer_steps(self) -> int:
         if self.trainer.max_steps and self.trainer.max_steps > 0:

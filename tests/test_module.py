@@ -211,6 +211,47 @@ def test_ddp_gradient_equals_single_process(tiny_dir, tmp_path, loss_type):
     torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), expected, rtol=1e-4, atol=1e-6)
 
 
+def _fsdp_clip_worker(rank, world, port, tiny_dir, out_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        module = GSPOModule(
+            {"name_or_path": tiny_dir}, ["lightning_gspo.rewards.arithmetic.format_reward"], algo()
+        )
+        root = FSDP(module.policy, device_id=torch.device("cpu"), use_orig_params=True)
+        _attach(module, world_size=world)
+        module._trainer.strategy.model = root
+        ids = torch.randint(2, 17, (4, 6), generator=torch.Generator().manual_seed(rank))
+        root(input_ids=ids).logits.float().pow(2).mean().backward()
+
+        def full_grad_norm():
+            with FSDP.summon_full_params(root, with_grads=True):
+                return torch.cat([p.grad.flatten() for p in root.parameters() if p.grad is not None]).norm()
+
+        params = [p for p in root.parameters() if p.requires_grad]
+        local = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        before = full_grad_norm()
+        norm = module._clip_grad_norm(params, float(before) / 2)
+        after = full_grad_norm()
+        if rank == 0:
+            torch.save({"local": local, "before": before, "norm": norm, "after": after}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_fsdp_clips_by_the_norm_over_all_shards(tiny_dir, tmp_path):
+    """Under FSDP each rank holds a shard of every gradient: the clip must use the norm over all shards."""
+    torch.multiprocessing.spawn(_fsdp_clip_worker, args=(2, 29977, str(tiny_dir), tmp_path / "norms.pt"),
+                                nprocs=2)  # fmt: skip
+    r = torch.load(tmp_path / "norms.pt")
+    assert not math.isclose(float(r["local"]), float(r["before"]), rel_tol=1e-3)  # a rank's own shard differs
+    torch.testing.assert_close(r["norm"], r["before"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(r["after"], r["before"] / 2, rtol=1e-4, atol=0)
+
+
 def test_zero_advantage_micro_batch_is_skipped_at_beta_zero(tiny_dir):
     module, _ = module_and_data(tiny_dir)
     _attach(module)
