@@ -162,9 +162,8 @@ class GSPOModule(L.LightningModule):
         if batch.is_first or self._rollout is None:
             self._rollout = self._make_rollout(batch.records)
         micro = self._rollout.micro_batch(batch.repeat % self.spg, cfg.per_device_train_batch_size)
-        skip = self.trainer.world_size == 1 and cfg.beta == 0 and not micro.advantages.any()
         record_old = self._old_from_first_pass and batch.repeat < self.spg
-        loss = torch.zeros((), device=self.device) if skip else self._micro_loss(micro, record_old)
+        loss = self._micro_loss(micro, record_old)
         self._micro_steps += 1
         if self._micro_steps % cfg.gradient_accumulation_steps == 0:
             self._optimizer_step()
@@ -303,12 +302,19 @@ class GSPOModule(L.LightningModule):
 
     # ---- the loss and the optimizer ----
     def _micro_loss(self, r: Rollout, record_old: bool = False) -> torch.Tensor:
-        loss, metrics = self.micro_batch_loss(r, record_old)
+        rows = self._scored_rows(r)
+        if (
+            rows[1] == 0 and self.trainer.world_size == 1
+        ):  # nothing to learn, and no other rank to line up with
+            return torch.zeros((), device=self.device)
+        loss, metrics = self.micro_batch_loss(r, record_old, rows)
         self.manual_backward(loss)
         self._window.add(reduce_mean(metrics, self.trainer.strategy))
         return loss.detach()
 
-    def micro_batch_loss(self, r: Rollout, record_old: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch_loss(
+        self, r: Rollout, record_old: bool = False, rows: tuple[torch.Tensor | None, float] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to backpropagate for one micro-batch of a rollout, already scaled for accumulation (TRL's
         rule: dapo's normaliser spans the accumulation window; the others are per-micro-batch means, divided by
         the number of micro-batches in the window), and its metrics.
@@ -316,9 +322,9 @@ class GSPOModule(L.LightningModule):
         At ``beta = 0`` only rows with a non-zero advantage are computed, the loss rescaled so the gradient is
         the whole micro-batch's. ``record_old``: this is the first pass and its log-probs are the old ones: the
         ratio is taken as 1 and the computed rows' log-probs are written into ``r.old_logps`` (a view of the
-        rollout's)."""
+        rollout's). ``rows``: ``_scored_rows(r)`` when the caller has it already."""
         cfg = self.config
-        keep, scale = self._scored_rows(r)
+        keep, scale = rows or self._scored_rows(r)
         s = r if keep is None else r.rows(keep)
         logps, entropy = self._logps(s, "policy", entropy=True)
         if record_old:

@@ -52,7 +52,7 @@ class Rollout:
 
     def rows(self, rows: slice | torch.Tensor) -> Rollout:
         """The rollout of the given rows (a slice gives views; an index tensor gives copies)."""
-        picked = rows.tolist() if isinstance(rows, torch.Tensor) else None
+        picked = rows.tolist() if isinstance(rows, torch.Tensor) and self.texts else None
         kw = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -282,8 +282,9 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     checkpointing = getattr(lm, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(lm, "is_gradient_checkpointing", False)
-    if p < 1 or c < 1 or checkpointing:
-        return None
+    most_saved = (input_ids.shape[0] - 1) * p  # if every row shared one prompt
+    if p < 1 or c < 1 or checkpointing or most_saved < SHARE_MIN_SAVED_POSITIONS:
+        return None  # decided from shapes alone: no comparison of prompts, no host sync
     runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p])
     if runs is None:
         return None
