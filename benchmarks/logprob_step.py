@@ -1,4 +1,4 @@
-"""One policy forward and backward through ``lightning_gspo.rollout.per_token_logps`` (the fused path), as the
+"""One policy forward and backward through ``lightning_gspo.policy_logprobs.per_token_logps`` (the fused path), as the
 training step runs it, with and without the two shortcuts it takes:
 
 - ``shared``: each distinct prompt goes through the backbone once and its completions attend to its keys and
@@ -44,7 +44,7 @@ def main() -> None:
     import lightning_gspo.kernels.logprobs as lp
     from transformers import AutoModelForCausalLM
 
-    import lightning_gspo.rollout as rollout
+    import lightning_gspo.policy_logprobs as logprobs_lib
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).train()
     vocab = model.config.vocab_size
@@ -61,7 +61,7 @@ def main() -> None:
     cmask = torch.ones(a.rows, a.completion, dtype=torch.bool)
     grad = torch.randn(a.rows, a.completion, generator=g)
 
-    real_shared, real_forward = rollout._shared_prompt_hidden, lp._forward_torch
+    real_shared, real_forward = logprobs_lib._shared_prompt_hidden, lp._forward_torch
     modes = {
         "whole, recompute": dict(shared=False, keep=False),
         "whole": dict(shared=False, keep=True),
@@ -70,15 +70,17 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     for rep in range(a.repeats + 2):
         for name, mode in modes.items():
-            rollout._shared_prompt_hidden = real_shared if mode["shared"] else (lambda *args: None)
-            rollout.SHARE_MIN_SAVED_POSITIONS = 1
+            logprobs_lib._shared_prompt_hidden = real_shared if mode["shared"] else (lambda *args: None)
+            logprobs_lib.SHARE_MIN_SAVED_POSITIONS = 1
             lp._forward_torch = (
                 real_forward
                 if mode["keep"]
                 else (lambda *args, keep_tile=False: real_forward(*args, keep_tile=False))
             )
             t0 = time.perf_counter()
-            logps, _ = rollout.per_token_logps(model, ids, attn, cmask, 1.0, "fused", True)
+            logps, _ = logprobs_lib.per_token_logps(
+                model, {"input_ids": ids, "attention_mask": attn}, cmask, 1.0, "fused", True
+            )
             t1 = time.perf_counter()
             (logps * grad).sum().backward()
             t2 = time.perf_counter()

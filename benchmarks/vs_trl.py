@@ -27,7 +27,7 @@ they used more while it ran (busy CPU time from /proc/stat minus the run's own):
 one other busy process slows a 2-thread run many times over.
 
 The per-step profile wraps methods from the outside (nothing in either package is edited): for lightning-gspo
-``generate``, ``_score``, ``_logps_no_grad``, ``_logps``, ``micro_batch_loss``, ``manual_backward``,
+``HFGenerate.generate``, ``score_completions``, ``_logps_no_grad``, ``_logps``, ``micro_batch_loss``, ``manual_backward``,
 ``_optimizer_step``, ``_maybe_log``, ``_make_rollout`` and ``training_step``; for TRL the matching
 ``GRPOTrainer`` methods, ``accelerator.backward`` and the optimizer-step callbacks.
 """
@@ -142,7 +142,7 @@ def build_wide_tokenizer(vocab_size: int, completion_length: int):
     """
     from transformers import Qwen2Tokenizer
 
-    from lightning_gspo.models import SPECIAL, VOCABS
+    from lightning_gspo.tiny import SPECIAL, VOCABS
 
     # byte-level BPE spells a space as U+0120; the other characters stand for themselves
     alphabet = ["\u0120" if c == " " else c for c in VOCABS["digits"]]
@@ -171,7 +171,7 @@ def build_model(size: str, path: Path) -> None:
     """Write the random-weight model of ``size`` to ``path`` (kept when it is already there)."""
     import torch
 
-    from lightning_gspo.models import build_tiny_model
+    from lightning_gspo.tiny import build_tiny_model
 
     if size == "tiny":
         build_tiny_model(path, "digits")
@@ -330,6 +330,7 @@ def run_ours(job: dict, rec: Recorder) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
     import lightning_gspo.module as gm
+    import lightning_gspo.rollout as rollout_lib
     from lightning_gspo.config import GSPOConfig
     from lightning_gspo.data import PromptGroupDataModule
     from lightning_gspo.tasks.arithmetic import make_dataset
@@ -343,12 +344,12 @@ def run_ours(job: dict, rec: Recorder) -> None:
         return real_logps(self, r, which, entropy)
 
     M._logps = counted_logps
-    rec.timed(gm, "generate", "generation")
-    rec.timed(M, "_score", "reward scoring")
+    rec.timed(rollout_lib.HFGenerate, "generate", "generation")
+    rec.timed(gm, "score_completions", "reward scoring")
     rec.timed(M, "_logps_no_grad", "old log-probs")
     rec.timed(M, "_make_rollout", "rollout (all)")
     rec.timed(M, "_logps", lambda self, r, which, entropy: f"logps/{which}")
-    rec.timed(M, "micro_batch_loss", "policy forward + loss")
+    rec.timed(gm, "micro_batch_loss", "policy forward + loss")
     rec.timed(M, "manual_backward", "backward")
     rec.timed(M, "_optimizer_step", "optimizer step")
     rec.timed(M, "_maybe_log", "logging")

@@ -19,12 +19,11 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-LEVELS = ("token", "sequence", "sequence_token")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from lightning_gspo.kernels.policy_loss import BACKENDS, LEVELS, LOSS_TYPES
+
 SCALE_REWARDS = ("group", "batch", "none")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-BACKENDS = ("auto", "torch", "triton")
 LOGPROB_IMPLS = ("fused", "materialized")
 
 
@@ -139,21 +138,9 @@ class GSPOConfig:
 
     # The rules, each raising a message that names the field and what would be accepted.
     def _validate(self) -> None:
-        _one_of("importance_sampling_level", self.importance_sampling_level, LEVELS)
-        _one_of("loss_type", self.loss_type, LOSS_TYPES)
         _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _one_of("optim", self.optim, OPTIMIZERS)
-        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("backend", self.backend, BACKENDS)
         _one_of("logprobs_impl", self.logprobs_impl, LOGPROB_IMPLS)
-        _at_least("epsilon", self.epsilon, 0.0)
-        if self.epsilon_high is not None:
-            _at_least("epsilon_high", self.epsilon_high, 0.0)
-        if self.delta is not None and self.delta <= 1 + self.epsilon_hi:
-            raise ValueError(
-                f"delta={self.delta} must be greater than 1 + epsilon_high = {1 + self.epsilon_hi}."
-            )
-        _at_least("beta", self.beta, 0.0)
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: group-relative advantages need at least 2 completions "
@@ -169,6 +156,26 @@ class GSPOConfig:
             _at_least(name, getattr(self, name), 1)
         if self.max_prompt_length is not None:
             _at_least("max_prompt_length", self.max_prompt_length, 1)
+        if self.reward_weights is not None and not self.reward_weights:
+            raise ValueError("reward_weights is an empty list; give one weight per reward function, or None.")
+        self._validate_loss()
+        self._validate_batches()
+        self._validate_sampling()
+        self._validate_optimizer()
+
+    def _validate_loss(self) -> None:
+        _one_of("importance_sampling_level", self.importance_sampling_level, LEVELS)
+        _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        _at_least("epsilon", self.epsilon, 0.0)
+        if self.epsilon_high is not None:
+            _at_least("epsilon_high", self.epsilon_high, 0.0)
+        if self.delta is not None and self.delta <= 1 + self.epsilon_hi:
+            raise ValueError(
+                f"delta={self.delta} must be greater than 1 + epsilon_high = {1 + self.epsilon_hi}."
+            )
+        _at_least("beta", self.beta, 0.0)
+
+    def _validate_batches(self) -> None:
         if self.steps_per_generation is not None and self.generation_batch_size is not None:
             raise ValueError(
                 "steps_per_generation and generation_batch_size are two ways to say the same thing; set one."
@@ -186,6 +193,8 @@ class GSPOConfig:
             _at_least("generation_batch_size", self.generation_batch_size, 1)
         else:
             self.steps_per_generation_for(1)  # validates the default: steps_per_generation = accumulation
+
+    def _validate_sampling(self) -> None:
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature={self.temperature} must be > 0 (log-probs divide the logits by it)."
@@ -197,6 +206,10 @@ class GSPOConfig:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1] or None.")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 disables it).")
+
+    def _validate_optimizer(self) -> None:
+        _one_of("optim", self.optim, OPTIMIZERS)
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0.")
         for name in ("adam_beta1", "adam_beta2"):
@@ -214,8 +227,6 @@ class GSPOConfig:
             )
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1.")
-        if self.reward_weights is not None and not self.reward_weights:
-            raise ValueError("reward_weights is an empty list; give one weight per reward function, or None.")
 
     @property
     def epsilon_hi(self) -> float:
@@ -261,6 +272,15 @@ class GSPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def coerce(cls, config: GSPOConfig | dict | None) -> GSPOConfig:
+        """A config from a config, a mapping of field names, or None (the defaults)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        return cls.from_dict(dict(config))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GSPOConfig:

@@ -9,7 +9,6 @@ resumed run picks up where it stopped.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_gspo.config import GSPOConfig
 
-log = logging.getLogger(__name__)
 # Our loader runs in the main process (num_workers=0), where the length of the iterable is exact.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
@@ -129,7 +127,7 @@ class PromptGroupDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.source = source
-        self.config = _as_config(algorithm)
+        self.config = GSPOConfig.coerce(algorithm)
         self.prompt_column = prompt_column
         self.seed = self.config.seed if seed is None else seed
         self.shuffle = shuffle
@@ -215,11 +213,3 @@ def _with_system(prompt: Any, system: str) -> Any:
 
 def _identity(x):
     return x
-
-
-def _as_config(config: GSPOConfig | dict | None) -> GSPOConfig:
-    if config is None:
-        return GSPOConfig()
-    if isinstance(config, GSPOConfig):
-        return config
-    return GSPOConfig.from_dict(dict(config))

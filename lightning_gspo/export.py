@@ -12,8 +12,8 @@ Choices, and why:
   QLoRA that is the model to deploy (merging into 4-bit weights would round much of the update away), so its
   logits differ from the 4-bit training model's by the quantisation error; for LoRA they agree to float
   rounding. It also never needs a second copy of the model in GPU memory.
-- From a checkpoint the model is rebuilt from the run's ``.hydra/config.yaml`` (looked for beside the
-  checkpoint's folder), a preset, or ``key=value`` model settings, always unquantised. For LoRA only the
+- From a checkpoint the model is rebuilt from the model settings the checkpoint carries (``hyper_parameters``),
+  or a config file, a preset, or ``key=value`` model settings, always unquantised. For LoRA only the
   trainable weights (adapters, ``modules_to_save``) are read from the checkpoint, and each must be there, so a
   rank or target mismatch is an error and not a half-loaded adapter; a full fine-tune loads every weight.
 - Under FSDP the policy is sharded when training ends, so the callback leaves the export to this command, which
@@ -166,8 +166,8 @@ def load_policy_weights(policy, ckpt_path: str | Path) -> None:
         more = f"has {len(surplus)} the model lacks (e.g. {surplus[:3]})" if surplus else ""
         raise ValueError(
             f"{ckpt_path} {' and '.join(filter(None, [lacking, more]))}: the model settings differ from the run's "
-            "(LoRA rank, target modules, modules_to_save, or LoRA versus full fine-tuning). Export with the run's "
-            ".hydra/config.yaml (--config) or the same settings."
+            "(LoRA rank, target modules, modules_to_save, or LoRA versus full fine-tuning). Export with the "
+            "settings the checkpoint carries (no --config, --preset or overrides) or the same settings."
         )
     try:
         policy.load_state_dict({n: weights[n] for n in wanted}, strict=not peft)
@@ -177,8 +177,7 @@ def load_policy_weights(policy, ckpt_path: str | Path) -> None:
 
 def model_config_for(ckpt: Path, config: str | None, preset: str | None, overrides: list[str]) -> ModelConfig:
     """The ``ModelConfig`` a checkpoint was trained with: from a preset, a config file (a Hydra run's
-    config.yaml or a model config), or the run's .hydra/config.yaml found beside the checkpoint; then
-    ``key=value`` overrides."""
+    config.yaml or a model config), or the settings the checkpoint carries; then ``key=value`` overrides."""
     from omegaconf import OmegaConf
 
     if preset and config:
@@ -186,27 +185,26 @@ def model_config_for(ckpt: Path, config: str | None, preset: str | None, overrid
     base: Any = OmegaConf.create({})
     if preset:
         base = OmegaConf.create(load_preset(preset).to_dict())
-    else:
-        path = Path(config) if config else _find_run_config(ckpt)
-        if path is not None:
-            loaded = OmegaConf.load(path)
-            base = loaded.model if "model" in loaded else loaded
-            log.info("model settings from %s", path)
-        elif not overrides:
-            raise ValueError(
-                f"no .hydra/config.yaml beside {ckpt}; give --config RUN/.hydra/config.yaml, --preset NAME, or "
-                "model settings such as name_or_path=Qwen/Qwen2.5-0.5B-Instruct lora.r=16."
-            )
+    elif config:
+        loaded = OmegaConf.load(config)
+        base = loaded.model if "model" in loaded else loaded
+        log.info("model settings from %s", config)
+    elif (carried := checkpoint_model_settings(ckpt)) is not None:
+        base = OmegaConf.create(carried)
+    elif not overrides:
+        raise ValueError(
+            f"{ckpt} carries no model settings (a built model was trained, or the checkpoint predates them); give "
+            "--config RUN/.hydra/config.yaml, --preset NAME, or model settings such as "
+            "name_or_path=Qwen/Qwen2.5-0.5B-Instruct lora.r=16."
+        )
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
     return ModelConfig(**OmegaConf.to_container(merged, resolve=True))
 
 
-def _find_run_config(ckpt: Path) -> Path | None:
-    for folder in list(ckpt.resolve().parents)[:3]:
-        candidate = folder / ".hydra" / "config.yaml"
-        if candidate.is_file():
-            return candidate
-    return None
+def checkpoint_model_settings(ckpt: str | Path) -> dict[str, Any] | None:
+    """The model settings (``ModelConfig`` fields) a ``GSPOModule`` checkpoint carries, or None."""
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    return (saved.get("hyper_parameters") or {}).get("model")
 
 
 def export_checkpoint(
@@ -234,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", required=True, help="output folder: adapter/ and merged/ go inside")
     parser.add_argument("--merged", action="store_true", help="with LoRA, also write the merged model")
     parser.add_argument(
-        "--config", help="the run's .hydra/config.yaml, or a model config YAML (default: found)"
+        "--config", help="the run's .hydra/config.yaml, or a model config YAML (default: the checkpoint's)"
     )
     parser.add_argument("--preset", help="a model preset from conf/model, e.g. qwen2.5-0.5b-instruct-lora")
     parser.add_argument("overrides", nargs="*", help="model settings as key=value, e.g. lora.r=16")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import logging
 import os
 import re
 import warnings
@@ -35,13 +34,7 @@ from typing import Any
 
 import torch
 
-# The tiny model lives in its own module; its names stay importable from here.
-from lightning_gspo.tiny import SPECIAL as SPECIAL
-from lightning_gspo.tiny import VOCABS as VOCABS
-from lightning_gspo.tiny import build_char_tokenizer as build_char_tokenizer
-from lightning_gspo.tiny import build_tiny_model as build_tiny_model
-
-log = logging.getLogger(__name__)
+from lightning_gspo.tiny import VOCABS, build_tiny_model
 
 TINY_PREFIX = "tiny:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -420,3 +413,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             UserWarning,
             stacklevel=2,
         )
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward in training mode is random: a dropout layer with p > 0, or a dropout probability in the
+    model's config (attention dropout is applied functionally, outside any layer)."""
+    if not model.training:
+        return False
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in values.items())

@@ -1,9 +1,11 @@
-"""Optimizers and learning-rate schedules under transformers' names (``optim``, ``lr_scheduler_type``)."""
+"""Optimizers, learning-rate schedules (transformers' names: ``optim``, ``lr_scheduler_type``) and gradient
+clipping."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 
@@ -64,3 +66,14 @@ def build_scheduler(cfg: GSPOConfig, optimizer: torch.optim.Optimizer, total_ste
     if kind == "constant":  # transformers' 'constant' has no warm-up
         warm = 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, root: Any = None) -> torch.Tensor:
+    """torch's ``clip_grad_norm_``, returning the total norm before clipping; under FSDP (``root``, the strategy's
+    wrapped model, is an FSDP module) the root module's, which reduces the norm over the ranks' shards: torch's,
+    on a rank's own shards, would clip each rank by its own piece of the norm."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel):
+        return root.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -49,38 +49,3 @@ def plot_run(csv_path: str | Path, out: str | Path, title: str = "", keys: list[
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def plot_compare(
-    runs: dict[str, str | Path],
-    out: str | Path,
-    key: str = "rewards/correctness_reward/mean",
-    title: str = "",
-) -> Path:
-    """One metric from several runs on the same axes (e.g. GSPO against GRPO)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
-    for label, path in runs.items():
-        series = read_metrics(path)
-        steps, values = zip(*series[key])
-        top.plot(steps, values, label=label)
-        if "clip_ratio/region_mean" in series:
-            s, v = zip(*series["clip_ratio/region_mean"])
-            bottom.plot(s, v, label=f"{label}: clipped fraction")
-    top.set_ylabel(key)
-    top.set_title(title)
-    top.legend(loc="lower right")
-    top.grid(alpha=0.3)
-    bottom.set_xlabel("optimizer step")
-    bottom.set_yscale("symlog", linthresh=1e-3)
-    bottom.legend(loc="upper right", fontsize=8)
-    bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

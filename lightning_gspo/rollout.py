@@ -1,33 +1,26 @@
-"""Rollouts: prompts in, sampled completions, their masks and per-token log-probs out.
+"""Sampling: prompts in, completions and their masks out, as a ``Rollout``.
+
+``sample_completions(policy, tokenizer, records, config)`` is the one entry point; generation itself sits behind
+``GenerationEngine``, which ``HFGenerate`` (transformers' ``generate``) implements, so a faster engine is a new
+class with one method.
 
 Choices, and why:
 - Prompts are left-padded and truncated from the left, so the end of a prompt (where the question usually sits
-  and where generation continues) is kept.
+  and where generation continues) is kept; a counted warning says how many were cut.
+- An engine receives each distinct prompt once with the group size, so an engine may run a prompt's prefill
+  once for its whole group; the rollout holds the prompts repeated, group after group.
 - The completion mask keeps the first EOS (the model chose to stop: that choice is scored) and nothing after it.
   It is computed from the first EOS position, so it stays right when the pad token is the EOS token.
-- Log-probs come from ``logits / temperature``, as TRL computes them, with position ids taken from the attention
-  mask so left-padded rows see the positions they were generated with.
-- The fused path takes the backbone's last hidden states of the scored tokens only and never builds the (N, V)
-  logits. The completions of one group share their prompt, so the backbone runs each distinct prompt once
-  and the completions attend to its keys and values (selected per row, so gradients from every completion
-  flow back into the one prompt forward): G x (P + C) token positions become P + G x C, with the same numbers.
-  It costs one more pass over the weights, so it is used only where it saves at least
-  ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
-  cache, so models with other caches, and gradient checkpointing (which turns the cache off in training), take
-  the whole sequences. The materialised path is kept for comparison and for heads
-  the fused one does not know (soft-capped or scaled logits).
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
+import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +55,13 @@ class Rollout:
                 value = {k: v[rows] if picked is None else [v[i] for i in picked] for k, v in value.items()}
             kw[f.name] = value
         return Rollout(**kw)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The whole sequences as the model's forward takes them (prompt, then completion)."""
+        return {
+            "input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1),
+            "attention_mask": torch.cat([self.prompt_mask, self.completion_mask.long()], 1),
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -133,227 +133,94 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
+class GenerationEngine(ABC):
+    """Samples completions for prompts. Implementations keep the sampling settings they are built with."""
+
+    @abstractmethod
+    def generate(
+        self,
+        model,
+        prompt_ids: torch.Tensor,  # (U, P) left-padded, each distinct prompt once
+        prompt_mask: torch.Tensor,  # (U, P)
+        num_generations: int,
+    ) -> torch.Tensor:
+        """(U * num_generations, C) completion ids, right-padded, the completions of each prompt together."""
+
+
+class HFGenerate(GenerationEngine):
+    """transformers' ``generate`` with TRL's sampling settings (temperature, top-p/k, min-p, repetition
+    penalty, ``generation_kwargs``)."""
+
+    def __init__(self, tokenizer, config, eos: list[int]):
+        self.kwargs: dict[str, Any] = dict(
+            do_sample=True,
+            max_new_tokens=config.max_completion_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            repetition_penalty=config.repetition_penalty,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+            use_cache=True,
+        )
+        if config.min_p is not None:
+            self.kwargs["min_p"] = config.min_p
+        self.kwargs.update(config.generation_kwargs or {})
+
+    @torch.no_grad()
+    def generate(self, model, prompt_ids, prompt_mask, num_generations):
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, 0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, 0)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **self.kwargs)
+        finally:
+            model.train(was_training)
+        return out[:, prompt_ids.shape[1] :]
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids, prompt_mask, cfg, eos: list[int]) -> torch.Tensor:
-    """Sample one completion per row (the prompts arrive already repeated num_generations times): (B, C) ids."""
-    kwargs: dict[str, Any] = dict(
-        do_sample=True,
-        max_new_tokens=cfg.max_completion_length,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        repetition_penalty=cfg.repetition_penalty,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        use_cache=True,
+def sample_completions(
+    policy,
+    tokenizer,
+    records: list[dict[str, Any]],
+    config,
+    engine: GenerationEngine,
+    eos: list[int],
+    device: torch.device | None = None,
+) -> Rollout:
+    """``config.num_generations`` completions of each record's ``prompt``, decoded, masked, on the policy's
+    device; ``texts`` holds the prompts and completions (chat messages where the prompt is a conversation)."""
+    g = config.num_generations
+    device = device or next(policy.parameters()).device
+    prompts = [r["prompt"] for r in records for _ in range(g)]
+    prompt_ids, prompt_mask, cut = tokenize_prompts(
+        [prompt_text(r["prompt"], tokenizer) for r in records], tokenizer, config.max_prompt_length
     )
-    if cfg.min_p is not None:
-        kwargs["min_p"] = cfg.min_p
-    kwargs.update(cfg.generation_kwargs or {})
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    finally:
-        model.train(was_training)
-    return out[:, prompt_ids.shape[1] :]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Per-token log-probs.
-
-
-def _unwrap(model):
-    """The causal LM under a PEFT wrapper (its LoRA layers stay in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def fused_unsupported(model) -> str | None:
-    """Why the fused head cannot stand in for this model's logits, or None when it can."""
-    lm = _unwrap(model)
-    cfg = getattr(lm, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            return f"the model's config sets {attr}={getattr(cfg, attr)}"
-    head = lm.get_output_embeddings()
-    if head is None or not hasattr(lm, lm.base_model_prefix):
-        return "the model has no separate backbone and output head"
-    if hasattr(head, "lora_A"):  # a PEFT LoRA layer: its weight is the base head's, without the update
-        return "the output head carries LoRA adapters (model.lora.target_modules names it)"
-    weight = getattr(head, "weight", None)
-    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
-        return "the output head's weight is not a plain floating-point matrix (a quantised head?)"
-    return None
-
-
-def per_token_logps(
-    model,
-    input_ids: torch.Tensor,  # (B, P + C)
-    attention_mask: torch.Tensor,  # (B, P + C)
-    completion_mask: torch.Tensor,  # (B, C) bool
-    temperature: float,
-    impl: str = "fused",
-    compute_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False."""
-    c = completion_mask.shape[1]
-    targets = input_ids[:, -c:]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    if impl == "fused":
-        lm = _unwrap(model)
-        backbone = getattr(lm, lm.base_model_prefix)
-        head = lm.get_output_embeddings()
-        embeds = _tied_embeddings(backbone, head, input_ids[:, :-1])
-        hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c, embeds)
-        if hidden is None:
-            # The last token's own output predicts nothing we score, and under causal attention no earlier
-            # position sees it: it is left out of the forward.
-            hidden = backbone(
-                **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
-                attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, :-1],
-                use_cache=False,
-            ).last_hidden_state[:, -c:]
-        from lightning_gspo.kernels import selective_logprobs
-
-        out = selective_logprobs(
-            hidden[completion_mask],
-            head.weight,
-            targets[completion_mask],
-            temperature=temperature,
-            bias=getattr(head, "bias", None),
-            return_entropy=compute_entropy,
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(records)} prompts were longer than max_prompt_length="
+            f"{config.max_prompt_length} tokens and lost their beginning.",
+            UserWarning,
+            stacklevel=3,
         )
-        logps_sel, ent_sel = out if compute_entropy else (out, None)
-        logps = hidden.new_zeros(completion_mask.shape, dtype=torch.float32).masked_scatter(
-            completion_mask, logps_sel
-        )
-        entropy = None
-        if compute_entropy:
-            entropy = torch.zeros_like(logps).masked_scatter(completion_mask, ent_sel.detach())
-        return logps, entropy
-    out = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        logits_to_keep=c,
-        use_cache=False,
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    completion_ids = engine.generate(policy, prompt_ids, prompt_mask, g)
+    mask, truncated = completion_mask(completion_ids, eos)
+    if config.mask_truncated_completions:
+        mask = mask & ~truncated.unsqueeze(1)
+    texts = tokenizer.batch_decode(
+        torch.where(mask, completion_ids, tokenizer.pad_token_id), skip_special_tokens=True
     )
-    logits = out.logits[:, -c:].float() / temperature  # (B, C, V)
-    logp_all = logits.log_softmax(-1)
-    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
-    entropy = None
-    if compute_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-            entropy = torch.where(completion_mask, entropy, torch.zeros_like(entropy))
-    return logps, entropy
-
-
-def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """(first row of each run of identical neighbouring prompts (U,), each row's run (B,)), or None when no two
-    neighbours share a prompt."""
-    if prompt_ids.shape[0] < 2 or prompt_ids.shape[1] == 0:
-        return None
-    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
-    if not bool(same.any()):
-        return None
-    starts = torch.cat([same.new_ones(1), ~same])
-    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
-
-
-# Sharing adds a backbone call (one more pass over the weights, forward and backward) to save the repeated
-# prompt positions. On the CPU (benchmarks/logprob_step.py, docs/benchmarks.md) a 0.5B model's 8 completions of
-# 16 tokens after 96-token prompts, 4 per prompt, took 5.0 s instead of 10.6 s forward and backward; with
-# 4-token prompts (24 positions saved) it was 4% slower, and the 1M-parameter demo model lost 3.6 ms a step.
-SHARE_MIN_SAVED_POSITIONS = 256
-
-
-def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None):
-    """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
-    distinct prompt run once; None when too few positions would be saved or the model cannot (see the module
-    notes)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # transformers 4.x: caches without per-layer objects
-        return None
-    p = input_ids.shape[1] - c
-    checkpointing = getattr(lm, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(lm, "is_gradient_checkpointing", False)
-    most_saved = (input_ids.shape[0] - 1) * p  # if every row shared one prompt
-    if p < 1 or c < 1 or checkpointing or most_saved < SHARE_MIN_SAVED_POSITIONS:
-        return None  # decided from shapes alone: no comparison of prompts, no host sync
-    runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p])
-    if runs is None:
-        return None
-    first, row_run = runs
-    saved = (input_ids.shape[0] - first.numel()) * p
-    if saved < SHARE_MIN_SAVED_POSITIONS or 4 * saved < input_ids.numel():
-        return None
-    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-    # Embedded once, so the embedding's (possibly dense, vocabulary-sized) gradient is formed once.
-    if embeds is None:  # the last token predicts nothing we score
-        embeds = backbone.get_input_embeddings()(input_ids[:, :-1])
-    prompt = backbone(
-        inputs_embeds=embeds[first, :p],
-        attention_mask=attention_mask[first, :p],
-        position_ids=position_ids[first, :p],
-        use_cache=True,
+    completions = [
+        [{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)
+    ]
+    return Rollout(
+        prompt_ids.repeat_interleave(g, 0),
+        prompt_mask.repeat_interleave(g, 0),
+        completion_ids,
+        mask,
+        truncated,
+        texts={"prompts": prompts, "completions": completions},
     )
-    cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
-        return None
-    last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
-    if c == 1:
-        return last_prompt
-    cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
-    completion = backbone(
-        inputs_embeds=embeds[:, p:],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, p:-1],
-        use_cache=True,
-        **{cache_arg: cache},
-    )
-    return torch.cat([last_prompt, completion.last_hidden_state], 1)
-
-
-def _tied_embeddings(backbone, head, ids: torch.Tensor) -> torch.Tensor | None:
-    """The input embeddings of ``ids`` when the embedding matrix is the trained output head's (tied), with the
-    embedding's share of the gradient added straight into the matrix's ``.grad`` rows; else None.
-
-    torch's embedding backward forms a dense (V, H) gradient for the few rows a batch touches and then adds it
-    to the head's (V, H) gradient: two passes over a vocabulary-sized matrix per micro-batch (79 ms on the CPU
-    for a 151,936 x 896 head). Here the embedding output is a leaf whose gradient hook index-adds its rows into
-    ``weight.grad``, in whichever order it and the head's gradient arrive. Under torch.distributed the
-    gradient hooks of DDP/FSDP fire when the head's gradient lands, before these rows would be added, so there
-    the ordinary embedding is used.
-    """
-    emb = backbone.get_input_embeddings()
-    weight = getattr(head, "weight", None)
-    if (
-        type(emb) is not torch.nn.Embedding  # scaled or otherwise custom embeddings keep their own forward
-        or weight is None
-        or emb.weight is not weight
-        or not weight.requires_grad
-        or not torch.is_grad_enabled()
-        or emb.max_norm is not None
-        or (torch.distributed.is_available() and torch.distributed.is_initialized())
-    ):
-        return None
-    out = torch.nn.functional.embedding(ids, weight.detach()).requires_grad_()
-    padding_idx = emb.padding_idx
-
-    def add_rows(grad: torch.Tensor) -> None:
-        rows, g = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
-        if padding_idx is not None:  # nn.Embedding gives its padding row no gradient
-            keep = rows != padding_idx
-            rows, g = rows[keep], g[keep]
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, rows, g.to(weight.grad.dtype))
-
-    out.register_hook(add_rows)
-    return out

@@ -25,7 +25,7 @@ def _seed():
 
 
 def _tiny(tmp_path_factory, vocab: str):
-    from lightning_gspo.models import build_tiny_model
+    from lightning_gspo.tiny import build_tiny_model
 
     small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128)
     return build_tiny_model(tmp_path_factory.mktemp(f"tiny_{vocab}") / "model", vocab, **small)

@@ -58,3 +58,11 @@ def trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
 def logged(tmp_path: Path) -> list[dict[str, str]]:
     with open(Path(tmp_path) / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+def loss_of(module: GSPOModule, r, **kwargs):
+    """``loss.micro_batch_loss`` of micro-batch ``r`` with the module's policy and config, as a training step
+    computes it (``kwargs``: world_size, record_old, rows)."""
+    from lightning_gspo.loss import micro_batch_loss
+
+    return micro_batch_loss(r, module.config, lambda s: module._logps(s, "policy", entropy=True), **kwargs)

@@ -144,11 +144,20 @@ def test_export_from_a_checkpoint_with_the_runs_hydra_config(tiny_dir, tmp_path,
     with pytest.raises(ValueError, match="does not fit the model built from these settings"):
         main(["--ckpt", last, "--out", str(tmp_path / "bad"), "--config", config, "lora.r=8"])
 
-    # A checkpoint away from its run: explicit model settings (without --merged only the adapter is written).
+    # A checkpoint away from its run carries its model settings (without --merged only the adapter is written).
     moved = tmp_path / "elsewhere" / "step.ckpt"
     moved.parent.mkdir()
     moved.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
-    with pytest.raises(ValueError, match=r"no .hydra/config.yaml beside .*--preset NAME"):
+    written = main(["--ckpt", str(moved), "--out", str(tmp_path / "carried")])
+    assert set(written) == {"adapter"}
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), written["adapter"])
+    torch.testing.assert_close(logits(adapter), logits(module.policy), rtol=0, atol=1e-5)
+
+    # One without them (a built model's) needs settings: they are asked for by name.
+    saved = torch.load(moved, weights_only=False)
+    del saved["hyper_parameters"]
+    torch.save(saved, moved)
+    with pytest.raises(ValueError, match=r"carries no model settings.*--preset NAME"):
         main(["--ckpt", str(moved), "--out", str(tmp_path / "bad")])
     settings = [f"name_or_path={tiny_dir}", "lora.r=4", "lora.alpha=8"]
     written = main(

@@ -2,19 +2,19 @@
 on the tiny model loaded through from_pretrained."""
 
 import sys
-import types
 
 import lightning as L
 import pytest
 import torch
-from helpers import REWARDS, algo, logged, module_and_data, trainer
+from helpers import REWARDS, algo, logged, loss_of, module_and_data, trainer
 from transformers import AutoModelForCausalLM
 
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import PromptGroupDataModule
 from lightning_gspo.models import ModelConfig, load_preset
 from lightning_gspo.module import GSPOModule
-from lightning_gspo.rollout import Rollout, per_token_logps
+from lightning_gspo.policy_logprobs import per_token_logps
+from lightning_gspo.rollout import Rollout
 from lightning_gspo.tasks.arithmetic import make_dataset
 
 LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
@@ -25,13 +25,6 @@ def build(tiny_dir, model: dict | None = None, **overrides):
     cfg = algo(**overrides)
     module = GSPOModule({"name_or_path": str(tiny_dir), **(model or {})}, REWARDS, cfg)
     return module, PromptGroupDataModule(make_dataset(64, seed=3), algorithm=cfg)
-
-
-def attach(module: GSPOModule) -> None:
-    """What micro_batch_loss and _logps read from a trainer, without one."""
-    strategy = types.SimpleNamespace(reduce=lambda x, reduce_op=None: x, world_size=1)
-    module._trainer = types.SimpleNamespace(world_size=1, strategy=strategy, global_rank=0)
-    module.spg = module.config.steps_per_generation_for(1)
 
 
 def rollout(n: int = 8, seed: int = 0, vocab: tuple[int, int] = (3, 18)) -> Rollout:
@@ -55,10 +48,8 @@ def perturb_adapters(model, scale: float = 0.2, seed: int = 0) -> None:
 
 
 def logps(model, r: Rollout, impl: str) -> torch.Tensor:
-    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-    attn = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
     with torch.no_grad():
-        return per_token_logps(model, ids, attn, r.completion_mask, 1.0, impl)[0]
+        return per_token_logps(model, r.model_inputs(), r.completion_mask, 1.0, impl)[0]
 
 
 def snapshot(module: GSPOModule) -> dict[str, torch.Tensor]:
@@ -134,7 +125,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_dir, mode
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same initial adapters
         module, _ = build(tiny_dir, {**model, "gradient_checkpointing": checkpointing}, beta=0.04)
-        attach(module)
         calls = []
         # Counted by its forward: module hooks do not see the recomputation.
         mlp = module.policy.get_decoder().layers[0].mlp
@@ -142,7 +132,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_dir, mode
         r = rollout()
         r.old_logps = module._logps(r, "old", entropy=False)[0] + 0.1
         r.ref_logps = r.old_logps - 0.05
-        loss, _ = module.micro_batch_loss(r)
+        loss, _ = loss_of(module, r)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads, len(calls)))
@@ -163,7 +153,6 @@ def test_fused_logprobs_with_lm_head_in_modules_to_save(tiny_dir):
     module, _ = build(tiny_dir, {"lora": {**LORA, "modules_to_save": ["lm_head"]}}, beta=0.04)
     assert module.logprobs_impl == "fused"  # a trained copy of the head is a plain Linear: fused handles it
     perturb_adapters(module.policy)
-    attach(module)
     r = rollout()
     for which in ("old", "ref"):
         module.logprobs_impl = "fused"

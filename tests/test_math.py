@@ -11,7 +11,6 @@ from helpers import algo, logged, trainer
 from omegaconf import OmegaConf
 
 from lightning_gspo.data import PromptGroupDataModule
-from lightning_gspo.models import SPECIAL, VOCABS, build_char_tokenizer
 from lightning_gspo.module import GSPOModule
 from lightning_gspo.rewards import math as math_rewards
 from lightning_gspo.rewards.math import (
@@ -24,6 +23,7 @@ from lightning_gspo.rewards.math import (
 )
 from lightning_gspo.rollout import prompt_text, tokenize_prompts
 from lightning_gspo.tasks import gsm8k
+from lightning_gspo.tiny import SPECIAL, VOCABS, build_char_tokenizer
 
 # ---- numbers and answers ----
 

@@ -1,0 +1,129 @@
+"""The micro-batch loss policy: what one micro-batch of a rollout contributes to the gradient, with no trainer.
+
+``micro_batch_loss`` takes a rollout's micro-batch, the algorithm config and a function that computes the
+policy's per-token log-probs, and returns the loss to backpropagate and its metrics. Choices, and why:
+
+- Accumulation follows TRL: ``dapo``'s normaliser spans the whole accumulation window (its token count over every
+  micro-batch and rank), the other loss types are per-micro-batch means divided by the number of micro-batches
+  in the window.
+- With ``beta = 0``, a completion whose advantage is zero has zero loss and zero gradient, so it is left out of
+  the forward and backward (``scored_rows``), and the loss is rescaled so the gradient is the whole
+  micro-batch's: ``grpo`` and ``dr_grpo`` by kept rows over rows, ``bnpo`` by kept tokens over tokens, ``dapo``
+  needs nothing (its normaliser is the whole batch's). A micro-batch with nothing left still computes one row
+  times 0, so that under DDP every rank runs a backward and the gradient collectives line up.
+- TRL's clip-ratio metrics are reproduced exactly with rows left out (``with_left_out_rows``: a left-out row is
+  never clipped); the entropy metric is the mean over the computed rows' tokens.
+- ``record_old``: on the first pass over a generation batch, when it runs before any optimizer step, the
+  log-probs computed with gradients are the old log-probs; the ratio is taken as 1 and the computed rows are
+  written into the rollout's ``old_logps`` for the later passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lightning_gspo.config import GSPOConfig
+from lightning_gspo.kernels import policy_loss
+from lightning_gspo.rollout import Rollout
+
+# (rows of a micro-batch) -> (log-probs (B, C) float32 with gradients, entropies (B, C))
+LogpsFn = Callable[[Rollout], tuple[torch.Tensor, torch.Tensor]]
+# (rows to compute, None for all; the factor that makes their loss the micro-batch's)
+Rows = tuple[torch.Tensor | None, float]
+
+
+def scored_rows(r: Rollout, beta: float, loss_type: str) -> Rows:
+    """Which rows of ``r`` to compute and the factor that makes their loss the micro-batch's (see the module
+    notes). At ``beta > 0`` every row has a gradient (the KL term) and all are computed."""
+    if beta != 0:
+        return None, 1.0
+    keep = r.advantages != 0
+    n = int(keep.sum())
+    if n == keep.numel():
+        return None, 1.0
+    if n == 0:  # one row with a zero loss: a backward that lines up with the other ranks'
+        return torch.zeros(1, dtype=torch.long, device=keep.device), 0.0
+    rows = keep.nonzero().squeeze(1)
+    if loss_type == "dapo":
+        return rows, 1.0
+    if loss_type == "bnpo":
+        tokens = r.completion_mask.sum()
+        return rows, float(r.completion_mask[rows].sum() / tokens.clamp(min=1))
+    return rows, n / keep.numel()
+
+
+def micro_batch_loss(
+    r: Rollout,
+    cfg: GSPOConfig,
+    logps_fn: LogpsFn,
+    *,
+    world_size: int = 1,
+    steps_per_generation: int | None = None,
+    record_old: bool = False,
+    rows: Rows | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to backpropagate for micro-batch ``r``, already scaled for accumulation, and its metrics.
+
+    ``rows``: ``scored_rows(r, ...)`` when the caller has it already (``(None, 1.0)`` computes every row).
+    ``record_old``: see the module notes; ``r.old_logps`` must then be a view of the rollout's."""
+    spg = steps_per_generation or cfg.steps_per_generation_for(world_size)
+    keep, scale = rows or scored_rows(r, cfg.beta, cfg.loss_type)
+    s = r if keep is None else r.rows(keep)
+    logps, entropy = logps_fn(s)
+    if record_old:
+        r.old_logps[slice(None) if keep is None else keep] = logps.detach().to(r.old_logps.dtype)
+    ga = cfg.gradient_accumulation_steps
+    loss, metrics = policy_loss(
+        logps,
+        None if record_old or scale == 0 else s.old_logps,
+        s.advantages,
+        s.completion_mask,
+        s.ref_logps,
+        importance_sampling_level=cfg.importance_sampling_level,
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        delta=cfg.delta,
+        beta=cfg.beta,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        max_completion_length=cfg.max_completion_length,
+        num_items_in_batch=r.num_items / world_size * ga / spg,
+        backend=cfg.backend,
+    )
+    if keep is not None:
+        loss = loss * scale
+        metrics = with_left_out_rows(metrics, r.completion_mask, keep, cfg.importance_sampling_level)
+    m = s.completion_mask
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["loss"] = float(loss.detach())
+    metrics["entropy"] = float(torch.where(m, entropy, 0).sum() / m.sum().clamp(min=1))
+    return (loss if cfg.loss_type == "dapo" else loss / ga), metrics
+
+
+def with_left_out_rows(
+    metrics: dict,
+    completion_mask: torch.Tensor,  # (B, C) of the whole micro-batch
+    keep: torch.Tensor,  # (K,) the computed rows
+    level: str,
+) -> dict:
+    """TRL's clip metrics of the whole micro-batch from those of its computed rows: a left-out row (advantage 0)
+    is never clipped, so it adds to the denominators and puts a 0 into the per-row minimum and maximum."""
+    lengths = completion_mask.sum(1)
+    left_out = torch.ones_like(lengths, dtype=torch.bool)
+    left_out[keep] = False
+    if level == "token":
+        share = lengths[keep].sum() / lengths.sum().clamp(min=1)
+        zero_rows = bool((left_out & (lengths > 0)).any())
+    else:
+        share = torch.tensor(keep.numel() / lengths.numel())
+        zero_rows = bool(left_out.any())
+    out = dict(metrics)
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        out[key] = metrics[key] * share.to(metrics[key].dtype)
+    if zero_rows:
+        zero = torch.zeros_like(metrics["clip_ratio/low_min"])
+        out["clip_ratio/low_min"] = torch.fmin(metrics["clip_ratio/low_min"], zero)
+        out["clip_ratio/high_max"] = torch.fmax(metrics["clip_ratio/high_max"], zero)
+    return out

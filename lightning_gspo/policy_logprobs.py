@@ -1,0 +1,247 @@
+"""Per-token log-probs of a Hugging Face causal LM's completion tokens, through the fused hidden->log-prob kernel.
+
+Choices, and why:
+- Log-probs come from ``logits / temperature``, as TRL computes them, with position ids taken from the attention
+  mask so left-padded rows see the positions they were generated with.
+- The model's inputs arrive as a mapping (``input_ids``, ``attention_mask``, and whatever else the model's
+  forward takes: image tensors for a vision-language model, say), so a new kind of input passes through without
+  new arguments here.
+- The fused path takes the backbone's last hidden states of the scored tokens only and never builds the (N, V)
+  logits. The completions of one group share their prompt, so the backbone runs each distinct prompt once
+  and the completions attend to its keys and values (selected per row, so gradients from every completion
+  flow back into the one prompt forward): G x (P + C) token positions become P + G x C, with the same numbers.
+  It costs one more pass over the weights, so it is used only where it saves at least
+  ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
+  cache, so models with other caches, and gradient checkpointing (which turns the cache off in training), take
+  the whole sequences.
+- A tied embedding adds its few gradient rows straight into the head's gradient instead of a second dense
+  vocabulary-sized gradient (one process; see ``_tied_embeddings``).
+- The materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
+  scaled logits).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+
+from lightning_gspo.kernels import selective_logprobs
+
+
+def _unwrap(model):
+    """The causal LM under a PEFT wrapper (its LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fused_unsupported(model) -> str | None:
+    """Why the fused head cannot stand in for this model's logits, or None when it can."""
+    lm = _unwrap(model)
+    cfg = getattr(lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return f"the model's config sets {attr}={getattr(cfg, attr)}"
+    head = lm.get_output_embeddings()
+    if head is None or not hasattr(lm, lm.base_model_prefix):
+        return "the model has no separate backbone and output head"
+    if hasattr(head, "lora_A"):  # a PEFT LoRA layer: its weight is the base head's, without the update
+        return "the output head carries LoRA adapters (model.lora.target_modules names it)"
+    weight = getattr(head, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
+        return "the output head's weight is not a plain floating-point matrix (a quantised head?)"
+    return None
+
+
+def per_token_logps(
+    model,
+    inputs: Mapping[str, torch.Tensor],  # input_ids (B, P + C), attention_mask (B, P + C), extra model inputs
+    completion_mask: torch.Tensor,  # (B, C) bool
+    temperature: float,
+    impl: str = "fused",
+    compute_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False.
+
+    ``inputs`` holds the whole sequences (prompt then completion) as ``input_ids`` and ``attention_mask``; any
+    other entry is passed to the model's forward as it is."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    c = completion_mask.shape[1]
+    # The last token's own output predicts nothing we score, and under causal attention no earlier position
+    # sees it: it is left out of every forward.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if impl == "fused":
+        hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra)
+        return _fused_logps(hidden, head, input_ids[:, -c:], completion_mask, temperature, compute_entropy)
+    out = model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        logits_to_keep=c,
+        use_cache=False,
+        **extra,
+    )
+    return _materialized_logps(
+        out.logits[:, -c:], input_ids[:, -c:], completion_mask, temperature, compute_entropy
+    )
+
+
+def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, extra: dict):
+    """The backbone's last hidden states (B, C, H) at the positions that predict the completion tokens, and the
+    output head."""
+    lm = _unwrap(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    head = lm.get_output_embeddings()
+    embeds = None if extra else _tied_embeddings(backbone, head, input_ids[:, :-1])
+    hidden = None
+    if not extra:  # the shared-prompt forward knows token inputs only
+        hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c, embeds)
+    if hidden is None:
+        hidden = backbone(
+            **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            use_cache=False,
+            **extra,
+        ).last_hidden_state[:, -c:]
+    return hidden, head
+
+
+def _fused_logps(hidden, head, targets, completion_mask, temperature: float, compute_entropy: bool):
+    out = selective_logprobs(
+        hidden[completion_mask],
+        head.weight,
+        targets[completion_mask],
+        temperature=temperature,
+        bias=getattr(head, "bias", None),
+        return_entropy=compute_entropy,
+    )
+    logps_sel, ent_sel = out if compute_entropy else (out, None)
+    logps = hidden.new_zeros(completion_mask.shape, dtype=torch.float32).masked_scatter(
+        completion_mask, logps_sel
+    )
+    entropy = None
+    if compute_entropy:
+        entropy = torch.zeros_like(logps).masked_scatter(completion_mask, ent_sel.detach())
+    return logps, entropy
+
+
+def _materialized_logps(logits, targets, completion_mask, temperature: float, compute_entropy: bool):
+    logp_all = (logits.float() / temperature).log_softmax(-1)  # (B, C, V)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
+    entropy = None
+    if compute_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = torch.where(completion_mask, entropy, torch.zeros_like(entropy))
+    return logps, entropy
+
+
+def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """(first row of each run of identical neighbouring prompts (U,), each row's run (B,)), or None when no two
+    neighbours share a prompt."""
+    if prompt_ids.shape[0] < 2 or prompt_ids.shape[1] == 0:
+        return None
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    if not bool(same.any()):
+        return None
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+# Sharing adds a backbone call (one more pass over the weights, forward and backward) to save the repeated
+# prompt positions. On the CPU (benchmarks/logprob_step.py, docs/benchmarks.md) a 0.5B model's 8 completions of
+# 16 tokens after 96-token prompts, 4 per prompt, took 5.0 s instead of 10.6 s forward and backward; with
+# 4-token prompts (24 positions saved) it was 4% slower, and the 1M-parameter demo model lost 3.6 ms a step.
+SHARE_MIN_SAVED_POSITIONS = 256
+
+
+def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None):
+    """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
+    distinct prompt run once; None when too few positions would be saved or the model cannot (see the module
+    notes)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers 4.x: caches without per-layer objects
+        return None
+    p = input_ids.shape[1] - c
+    checkpointing = getattr(lm, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(lm, "is_gradient_checkpointing", False)
+    most_saved = (input_ids.shape[0] - 1) * p  # if every row shared one prompt
+    if p < 1 or c < 1 or checkpointing or most_saved < SHARE_MIN_SAVED_POSITIONS:
+        return None  # decided from shapes alone: no comparison of prompts, no host sync
+    runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p])
+    if runs is None:
+        return None
+    first, row_run = runs
+    saved = (input_ids.shape[0] - first.numel()) * p
+    if saved < SHARE_MIN_SAVED_POSITIONS or 4 * saved < input_ids.numel():
+        return None
+    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    # Embedded once, so the embedding's (possibly dense, vocabulary-sized) gradient is formed once.
+    if embeds is None:  # the last token predicts nothing we score
+        embeds = backbone.get_input_embeddings()(input_ids[:, :-1])
+    prompt = backbone(
+        inputs_embeds=embeds[first, :p],
+        attention_mask=attention_mask[first, :p],
+        position_ids=position_ids[first, :p],
+        use_cache=True,
+    )
+    cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
+    if c == 1:
+        return last_prompt
+    cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
+    completion = backbone(
+        inputs_embeds=embeds[:, p:],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, p:-1],
+        use_cache=True,
+        **{cache_arg: cache},
+    )
+    return torch.cat([last_prompt, completion.last_hidden_state], 1)
+
+
+def _tied_embeddings(backbone, head, ids: torch.Tensor) -> torch.Tensor | None:
+    """The input embeddings of ``ids`` when the embedding matrix is the trained output head's (tied), with the
+    embedding's share of the gradient added straight into the matrix's ``.grad`` rows; else None.
+
+    torch's embedding backward forms a dense (V, H) gradient for the few rows a batch touches and then adds it
+    to the head's (V, H) gradient: two passes over a vocabulary-sized matrix per micro-batch (79 ms on the CPU
+    for a 151,936 x 896 head). Here the embedding output is a leaf whose gradient hook index-adds its rows into
+    ``weight.grad``, in whichever order it and the head's gradient arrive. Under torch.distributed the
+    gradient hooks of DDP/FSDP fire when the head's gradient lands, before these rows would be added, so there
+    the ordinary embedding is used.
+    """
+    emb = backbone.get_input_embeddings()
+    weight = getattr(head, "weight", None)
+    if (
+        type(emb) is not torch.nn.Embedding  # scaled or otherwise custom embeddings keep their own forward
+        or weight is None
+        or emb.weight is not weight
+        or not weight.requires_grad
+        or not torch.is_grad_enabled()
+        or emb.max_norm is not None
+        or (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ):
+        return None
+    out = torch.nn.functional.embedding(ids, weight.detach()).requires_grad_()
+    padding_idx = emb.padding_idx
+
+    def add_rows(grad: torch.Tensor) -> None:
+        rows, g = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if padding_idx is not None:  # nn.Embedding gives its padding row no gradient
+            keep = rows != padding_idx
+            rows, g = rows[keep], g[keep]
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, rows, g.to(weight.grad.dtype))
+
+    out.register_hook(add_rows)
+    return out
