@@ -4,11 +4,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import algo, logged, module_and_data, trainer
+from helpers import REWARDS, algo, logged, module_and_data, trainer
 
 import lightning_gspo.loss as loss_lib
 from lightning_gspo.module import GSPOModule
 from lightning_gspo.optim import clip_grad_norm
+from lightning_gspo.rollout import GenerationEngine
 
 PRESETS = {
     "gspo": dict(importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4),
@@ -162,3 +163,43 @@ def test_learning_rate_schedule_follows_transformers(tiny_dir):
             assert math.isclose(ours.get_last_lr()[0], theirs.get_last_lr()[0], abs_tol=1e-9)
             ours.step()
             theirs.step()
+
+
+class _ScriptedEngine(GenerationEngine):
+    """An engine that answers every prompt with the same completion: what a new engine has to provide."""
+
+    def __init__(self, completion: list[int]):
+        self.completion, self.calls = completion, []
+
+    def generate(self, model, prompt_ids, prompt_mask, num_generations):
+        self.calls.append((tuple(prompt_ids.shape), num_generations))
+        return torch.tensor([self.completion] * (prompt_ids.shape[0] * num_generations))
+
+
+def test_a_generation_engine_is_one_class_behind_the_sampling_seam(tiny_dir, tmp_path):
+    module, data = module_and_data(tiny_dir, num_iterations=1)
+    eos = module.tokenizer.eos_token_id
+    digit = module.tokenizer.convert_tokens_to_ids("7")
+    module.engine = engine = _ScriptedEngine([digit, eos, eos, eos])
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
+    # each distinct prompt once, with the group size: 8 completions per rank per generation batch x 2 steps
+    assert engine.calls == [((4, engine.calls[0][0][1]), 4)] * 2
+    rows = logged(tmp_path)
+    assert float(rows[-1]["completions/mean_length"]) == 2  # "7" and its EOS, the rest masked
+    assert float(rows[-1]["frac_reward_zero_std"]) == 1  # identical completions: nothing to learn
+
+
+def test_checkpoint_carries_the_runs_settings(tiny_dir, tmp_path):
+    module, data = module_and_data(tiny_dir, num_iterations=2)
+    ckpt = tmp_path / "run.ckpt"
+    t = trainer(tmp_path, max_steps=2, enable_checkpointing=True)
+    t.fit(module, datamodule=data)
+    t.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["hyper_parameters"]
+    assert saved["model"]["name_or_path"] == str(tiny_dir)
+    assert saved["config"] == module.config.to_dict()
+    assert saved["reward_funcs"] == REWARDS
+    again = GSPOModule.load_from_checkpoint(ckpt)  # rebuilt from the checkpoint alone
+    assert again.config == module.config
+    for k, v in module.policy.state_dict().items():
+        assert torch.equal(again.policy.state_dict()[k], v)
