@@ -127,6 +127,20 @@ class GSPOConfig:
     num_completions_to_print: int | None = None
     """Rows in that table; None shows one group."""
 
+    # ---- evaluation on held-out prompts (lightning_gspo.evaluation) ----
+    num_generations_eval: int | None = None
+    """Completions sampled per held-out prompt for the sampled metrics and pass@k; None takes num_generations,
+    0 skips them (the greedy completion is always scored)."""
+    eval_steps: int | None = None
+    """Evaluate every this many optimizer steps (the Hydra entry point sets the trainer's val_check_interval
+    from it); None leaves that to the trainer."""
+    eval_on_start: bool = False
+    """Evaluate once before the first training step: the baseline the later evaluations compare against."""
+    eval_success_reward: str | None = None
+    """The reward function (by name) whose value decides a completion's success for pass@k; None: the first."""
+    eval_success_threshold: float = 1.0
+    """A completion succeeds when that reward function gives at least this."""
+
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):  # TRL accepts the old boolean form
             self.scale_rewards = "group" if self.scale_rewards else "none"
@@ -134,99 +148,7 @@ class GSPOConfig:
             self.reward_weights = [float(w) for w in self.reward_weights]
         if self.generation_kwargs is not None:
             self.generation_kwargs = dict(self.generation_kwargs)
-        self._validate()
-
-    # The rules, each raising a message that names the field and what would be accepted.
-    def _validate(self) -> None:
-        _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _one_of("backend", self.backend, BACKENDS)
-        _one_of("logprobs_impl", self.logprobs_impl, LOGPROB_IMPLS)
-        if self.num_generations < 2:
-            raise ValueError(
-                f"num_generations={self.num_generations}: group-relative advantages need at least 2 completions "
-                "per prompt; set num_generations >= 2."
-            )
-        for name in (
-            "num_iterations",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "max_completion_length",
-            "logging_steps",
-        ):
-            _at_least(name, getattr(self, name), 1)
-        if self.max_prompt_length is not None:
-            _at_least("max_prompt_length", self.max_prompt_length, 1)
-        if self.reward_weights is not None and not self.reward_weights:
-            raise ValueError("reward_weights is an empty list; give one weight per reward function, or None.")
-        self._validate_loss()
-        self._validate_batches()
-        self._validate_sampling()
-        self._validate_optimizer()
-
-    def _validate_loss(self) -> None:
-        _one_of("importance_sampling_level", self.importance_sampling_level, LEVELS)
-        _one_of("loss_type", self.loss_type, LOSS_TYPES)
-        _at_least("epsilon", self.epsilon, 0.0)
-        if self.epsilon_high is not None:
-            _at_least("epsilon_high", self.epsilon_high, 0.0)
-        if self.delta is not None and self.delta <= 1 + self.epsilon_hi:
-            raise ValueError(
-                f"delta={self.delta} must be greater than 1 + epsilon_high = {1 + self.epsilon_hi}."
-            )
-        _at_least("beta", self.beta, 0.0)
-
-    def _validate_batches(self) -> None:
-        if self.steps_per_generation is not None and self.generation_batch_size is not None:
-            raise ValueError(
-                "steps_per_generation and generation_batch_size are two ways to say the same thing; set one."
-            )
-        if self.steps_per_generation is not None:
-            _at_least("steps_per_generation", self.steps_per_generation, 1)
-            local = self.per_device_train_batch_size * self.steps_per_generation
-            if local % self.num_generations:
-                raise ValueError(
-                    f"per_device_train_batch_size x steps_per_generation = {local} completions per rank must be a "
-                    f"multiple of num_generations={self.num_generations}, so every prompt's group stays whole on "
-                    "one rank; change one of the three."
-                )
-        elif self.generation_batch_size is not None:
-            _at_least("generation_batch_size", self.generation_batch_size, 1)
-        else:
-            self.steps_per_generation_for(1)  # validates the default: steps_per_generation = accumulation
-
-    def _validate_sampling(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(
-                f"temperature={self.temperature} must be > 0 (log-probs divide the logits by it)."
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
-        _at_least("top_k", self.top_k, 0)
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p={self.min_p} must be in [0, 1] or None.")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 disables it).")
-
-    def _validate_optimizer(self) -> None:
-        _one_of("optim", self.optim, OPTIMIZERS)
-        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0.")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
-        _at_least("adam_epsilon", self.adam_epsilon, 0.0)
-        _at_least("weight_decay", self.weight_decay, 0.0)
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1].")
-        _at_least("warmup_steps", self.warmup_steps, 0)
-        _at_least("max_grad_norm", self.max_grad_norm, 0.0)
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(
-                f"max_steps={self.max_steps} must be a positive number of steps, or -1 for epochs."
-            )
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1.")
+        _validate(self)
 
     @property
     def epsilon_hi(self) -> float:
@@ -372,6 +294,101 @@ def _trl_defaults(grpo_config: Any) -> dict[str, Any]:
             elif f.default_factory is not MISSING:
                 declared[f.name] = f.default_factory()
         return declared
+
+
+# The rules, each raising a message that names the field and what would be accepted.
+def _validate(cfg: GSPOConfig) -> None:
+    _one_of("scale_rewards", cfg.scale_rewards, SCALE_REWARDS)
+    _one_of("backend", cfg.backend, BACKENDS)
+    _one_of("logprobs_impl", cfg.logprobs_impl, LOGPROB_IMPLS)
+    if cfg.num_generations < 2:
+        raise ValueError(
+            f"num_generations={cfg.num_generations}: group-relative advantages need at least 2 completions "
+            "per prompt; set num_generations >= 2."
+        )
+    for name in (
+        "num_iterations",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_completion_length",
+        "logging_steps",
+    ):
+        _at_least(name, getattr(cfg, name), 1)
+    if cfg.max_prompt_length is not None:
+        _at_least("max_prompt_length", cfg.max_prompt_length, 1)
+    if cfg.reward_weights is not None and not cfg.reward_weights:
+        raise ValueError("reward_weights is an empty list; give one weight per reward function, or None.")
+    if cfg.num_generations_eval is not None:
+        _at_least("num_generations_eval", cfg.num_generations_eval, 0)
+    if cfg.eval_steps is not None:
+        _at_least("eval_steps", cfg.eval_steps, 1)
+    _validate_loss(cfg)
+    _validate_batches(cfg)
+    _validate_sampling(cfg)
+    _validate_optimizer(cfg)
+
+
+def _validate_loss(cfg: GSPOConfig) -> None:
+    _one_of("importance_sampling_level", cfg.importance_sampling_level, LEVELS)
+    _one_of("loss_type", cfg.loss_type, LOSS_TYPES)
+    _at_least("epsilon", cfg.epsilon, 0.0)
+    if cfg.epsilon_high is not None:
+        _at_least("epsilon_high", cfg.epsilon_high, 0.0)
+    if cfg.delta is not None and cfg.delta <= 1 + cfg.epsilon_hi:
+        raise ValueError(f"delta={cfg.delta} must be greater than 1 + epsilon_high = {1 + cfg.epsilon_hi}.")
+    _at_least("beta", cfg.beta, 0.0)
+
+
+def _validate_batches(cfg: GSPOConfig) -> None:
+    if cfg.steps_per_generation is not None and cfg.generation_batch_size is not None:
+        raise ValueError(
+            "steps_per_generation and generation_batch_size are two ways to say the same thing; set one."
+        )
+    if cfg.steps_per_generation is not None:
+        _at_least("steps_per_generation", cfg.steps_per_generation, 1)
+        local = cfg.per_device_train_batch_size * cfg.steps_per_generation
+        if local % cfg.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size x steps_per_generation = {local} completions per rank must be a "
+                f"multiple of num_generations={cfg.num_generations}, so every prompt's group stays whole on "
+                "one rank; change one of the three."
+            )
+    elif cfg.generation_batch_size is not None:
+        _at_least("generation_batch_size", cfg.generation_batch_size, 1)
+    else:
+        cfg.steps_per_generation_for(1)  # validates the default: steps_per_generation = accumulation
+
+
+def _validate_sampling(cfg: GSPOConfig) -> None:
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature={cfg.temperature} must be > 0 (log-probs divide the logits by it).")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p={cfg.top_p} must be in (0, 1].")
+    _at_least("top_k", cfg.top_k, 0)
+    if cfg.min_p is not None and not 0 <= cfg.min_p <= 1:
+        raise ValueError(f"min_p={cfg.min_p} must be in [0, 1] or None.")
+    if cfg.repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={cfg.repetition_penalty} must be > 0 (1.0 disables it).")
+
+
+def _validate_optimizer(cfg: GSPOConfig) -> None:
+    _one_of("optim", cfg.optim, OPTIMIZERS)
+    _one_of("lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
+    if cfg.learning_rate <= 0:
+        raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1).")
+    _at_least("adam_epsilon", cfg.adam_epsilon, 0.0)
+    _at_least("weight_decay", cfg.weight_decay, 0.0)
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1].")
+    _at_least("warmup_steps", cfg.warmup_steps, 0)
+    _at_least("max_grad_norm", cfg.max_grad_norm, 0.0)
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ValueError(f"max_steps={cfg.max_steps} must be a positive number of steps, or -1 for epochs.")
+    if cfg.max_steps == -1 and cfg.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs={cfg.num_train_epochs} must be > 0 when max_steps is -1.")
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:

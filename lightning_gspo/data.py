@@ -1,15 +1,23 @@
-"""Prompt groups for GRPO/GSPO: which prompts each rank draws, in what order, and how often each batch is reused.
+"""Prompt groups for GRPO/GSPO: which prompts each rank draws, in what order, and how often each batch is reused;
+and the held-out prompts evaluation scores.
 
 Every training step of ``GSPOModule`` is one micro-batch, so the loader yields each generation batch of prompts
 ``num_iterations x steps_per_generation`` times in a row (TRL's repeat-sampler idea): the module generates on the
 first and reuses the rollout for the rest. Under DDP every rank takes its own prompts, so a prompt's whole group
 of completions lives on one rank. The order is a seeded permutation per epoch, so runs repeat exactly and a
 resumed run picks up where it stopped.
+
+Held-out prompts come from their own source or from a seeded fraction of the training source's *distinct*
+prompts: every row of a held-out prompt leaves the training set, so the two are disjoint even when the source
+repeats prompts (the demo's sums do). Evaluation batches are dealt to ranks whole (batch b to rank b mod N) and
+padded to equal counts with weight-0 batches, so N ranks evaluate exactly the batches one process does.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_gspo.config import GSPOConfig
@@ -40,6 +49,15 @@ class PromptBatch:
     @property
     def is_first(self) -> bool:
         return self.repeat == 0
+
+
+@dataclass
+class EvalBatch:
+    """Held-out prompts for one evaluation step."""
+
+    records: list[dict[str, Any]]
+    index: int  # the batch's index in the split (seeds its sampling)
+    weight: float = 1.0  # 0 for a padding batch that only keeps ranks in step
 
 
 def load_prompts(source: Any, split: str = "train"):
@@ -112,6 +130,11 @@ class PromptGroupDataModule(L.LightningDataModule):
         shuffle: reshuffle every epoch (False keeps the file's order).
         max_samples: use only the first this many rows (quick runs).
         system_prompt: prepended as a system message to chat prompts, and as a line to plain-text prompts.
+        val_source: held-out prompts for validation (read like ``source``, split ``val_split``).
+        val_fraction: or hold out this fraction (0 to 1) of the training source's distinct prompts, seeded.
+        val_max_samples: evaluate at most this many held-out prompts.
+        test_source: prompts for ``trainer.test`` (split ``test_split``).
+        eval_batch_size: held-out prompts per evaluation step.
     """
 
     def __init__(
@@ -124,8 +147,25 @@ class PromptGroupDataModule(L.LightningDataModule):
         max_samples: int | None = None,
         system_prompt: str | None = None,
         split: str = "train",
+        val_source: Any = None,
+        val_fraction: float | None = None,
+        val_max_samples: int | None = None,
+        val_split: str = "validation",
+        test_source: Any = None,
+        test_split: str = "test",
+        eval_batch_size: int = 16,
     ):
         super().__init__()
+        if val_source is not None and val_fraction is not None:
+            raise ValueError("give data.val_source or data.val_fraction, not both.")
+        if val_fraction is not None and not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive).")
+        if eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size={eval_batch_size} must be >= 1.")
+        self.val_source, self.val_fraction, self.val_max_samples = val_source, val_fraction, val_max_samples
+        self.val_split, self.test_source, self.test_split = val_split, test_source, test_split
+        self.eval_batch_size = eval_batch_size
+        self.val_dataset = self.test_dataset = None
         self.source = source
         self.config = GSPOConfig.coerce(algorithm)
         self.prompt_column = prompt_column
@@ -143,7 +183,8 @@ class PromptGroupDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         if self.dataset is None:
-            self.dataset = self._load()
+            self.dataset = self._load(self.source, self.split, self.max_samples)
+            self._load_held_out()
         spg = self.config.steps_per_generation_for(self.world_size)
         self.prompts_per_rank = self.config.prompts_per_rank(self.world_size)
         self.repeats = self.config.num_iterations * spg
@@ -164,23 +205,34 @@ class PromptGroupDataModule(L.LightningDataModule):
                 stacklevel=2,
             )
 
-    def _load(self):
-        source = self.source() if callable(self.source) else self.source
-        ds = load_prompts(source, self.split)
+    def _load(self, source: Any, split: str, max_samples: int | None):
+        ds = load_prompts(source() if callable(source) else source, split)
         if len(ds) == 0:
-            raise ValueError(f"the prompt dataset from {self.source!r} is empty.")
+            raise ValueError(f"the prompt dataset from {source!r} is empty.")
         if self.prompt_column not in ds.column_names:
             raise ValueError(
                 f"prompt_column={self.prompt_column!r} is not a column of the dataset; its columns are "
                 f"{ds.column_names}. Set data.prompt_column."
             )
-        if self.max_samples is not None:
-            ds = ds.select(range(min(self.max_samples, len(ds))))
+        if max_samples is not None:
+            ds = ds.select(range(min(max_samples, len(ds))))
         if self.prompt_column != "prompt":
             ds = ds.rename_column(self.prompt_column, "prompt") if "prompt" not in ds.column_names else ds
         if self.system_prompt:
             ds = ds.map(lambda row: {"prompt": _with_system(row["prompt"], self.system_prompt)})
         return ds
+
+    def _load_held_out(self) -> None:
+        if self.val_source is not None:
+            self.val_dataset = self._load(self.val_source, self.val_split, self.val_max_samples)
+        elif self.val_fraction is not None:
+            self.dataset, self.val_dataset = hold_out(self.dataset, self.val_fraction, self.seed)
+            if self.val_max_samples is not None:
+                self.val_dataset = self.val_dataset.select(
+                    range(min(self.val_max_samples, len(self.val_dataset)))
+                )
+        if self.test_source is not None:
+            self.test_dataset = self._load(self.test_source, self.test_split, self.val_max_samples)
 
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -188,6 +240,25 @@ class PromptGroupDataModule(L.LightningDataModule):
     # ---- loaders ----
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_GroupBatches(self), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """This rank's evaluation batches of held-out prompts (no validation without a held-out split)."""
+        return [] if self.val_dataset is None else self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            raise ValueError("trainer.test needs test prompts: set data.test_source.")
+        return self._eval_loader(self.test_dataset)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        size, n = self.eval_batch_size, len(dataset)
+        batches = [
+            EvalBatch([dataset[i] for i in range(b, min(b + size, n))], b // size) for b in range(0, n, size)
+        ]
+        mine = batches[self.rank :: self.world_size]
+        per_rank = math.ceil(len(batches) / self.world_size)
+        mine += [EvalBatch(batches[0].records, batches[0].index, weight=0.0)] * (per_rank - len(mine))
+        return DataLoader(mine, batch_size=None, collate_fn=_identity, num_workers=0)
 
     # ---- resume: where the next batch starts ----
     def resume_after(self, epoch: int, index: int, repeat: int) -> None:
@@ -213,3 +284,28 @@ def _with_system(prompt: Any, system: str) -> Any:
 
 def _identity(x):
     return x
+
+
+def hold_out(dataset, fraction: float, seed: int):
+    """(training rows, held-out prompts): a seeded ``fraction`` of the distinct prompts, each once, and every row
+    whose prompt is not among them."""
+    keys = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
+    distinct = sorted(set(keys))
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[: max(1, round(fraction * len(distinct)))])
+    if len(held) == len(distinct):
+        raise ValueError(
+            f"data.val_fraction={fraction} holds out all {len(distinct)} distinct prompts, leaving none to train on; "
+            "lower it or give data.val_source."
+        )
+    first = {}
+    for i, k in enumerate(keys):
+        if k in held:
+            first.setdefault(k, i)
+    train = dataset.select([i for i, k in enumerate(keys) if k not in held])
+    val = dataset.select(sorted(first.values()))
+    rank_zero_info(
+        f"held out {len(held)} of {len(distinct)} distinct prompts (seed {seed}) for validation; "
+        f"{len(train)} of {len(dataset)} rows remain for training."
+    )
+    return train, val

@@ -32,7 +32,8 @@ import torch
 
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
-from lightning_gspo.data import PromptBatch
+from lightning_gspo.data import EvalBatch, PromptBatch
+from lightning_gspo.evaluation import Evaluator
 from lightning_gspo.loss import micro_batch_loss, scored_rows
 from lightning_gspo.models import (
     ModelConfig,
@@ -98,6 +99,7 @@ class GSPOModule(L.LightningModule):
         object.__setattr__(self, "ref_model", ref)
         self.eos = eos_ids(self.tokenizer, self.policy)
         self.engine = engine or HFGenerate(self.tokenizer, cfg, self.eos)
+        self.evaluator = Evaluator(self.tokenizer, cfg, self.eos, self.reward_funcs, self.reward_names)
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
         self.state = RunState()
         self.save_hyperparameters(_run_settings(self.model_config, reward_funcs, cfg))
@@ -138,6 +140,49 @@ class GSPOModule(L.LightningModule):
         if batch.repeat == cfg.num_iterations * self.spg - 1:  # the generation batch is used up
             self._maybe_log()
         return loss
+
+    # ---- evaluation on held-out prompts (lightning_gspo.evaluation; metrics under eval/ and test/) ----
+    def on_train_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.config.eval_on_start and self.global_step == 0 and dm is not None and dm.val_dataloader():
+            self.evaluator.reset()
+            for batch in dm.val_dataloader():
+                self.evaluator.add_batch(self.policy, batch, self.device)
+            metrics = self._eval_metrics("eval")
+            if self.global_rank == 0:  # before any step: logged at step 0, the baseline
+                for logger in self.loggers:
+                    logger.log_metrics(metrics, step=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        self.evaluator.add_batch(self.policy, batch, self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("eval")
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        self.evaluator.add_batch(self.policy, batch, self.device)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _eval_metrics(self, prefix: str) -> dict[str, float]:
+        self.evaluator.totals.reduce(self.trainer.strategy)
+        return self.evaluator.totals.metrics(prefix)
+
+    def _log_eval(self, prefix: str) -> None:
+        if self.trainer.sanity_checking:  # Lightning's pre-training check logs nothing
+            return
+        metrics = self._eval_metrics(prefix)  # already the same on every rank
+        reward = metrics.pop(f"{prefix}/reward", None)
+        self.log_dict(metrics, sync_dist=False)
+        if reward is not None:
+            self.log(f"{prefix}/reward", reward, prog_bar=True, sync_dist=False)
 
     # ---- the rollout ----
     @torch.no_grad()

@@ -20,7 +20,8 @@ def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_run(csv_path: str | Path, out: str | Path, title: str = "", keys: list[str] | None = None) -> Path:
-    """Reward (and each reward function's mean) against optimizer steps, with entropy and clipping beneath."""
+    """Reward (and each reward function's mean) against optimizer steps, the held-out evaluation's (``eval/``)
+    as markers beside them, with entropy and clipping beneath."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,6 +33,10 @@ def plot_run(csv_path: str | Path, out: str | Path, title: str = "", keys: list[
     for key in keys:
         steps, values = zip(*series[key])
         top.plot(steps, values, label=key)
+    for key in ("eval/reward", "eval/pass@1"):
+        if key in series:
+            steps, values = zip(*series[key])
+            top.plot(steps, values, "o-", label=f"{key} (held out)")
     top.set_ylabel("reward")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)

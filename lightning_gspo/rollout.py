@@ -149,19 +149,26 @@ class GenerationEngine(ABC):
 
 class HFGenerate(GenerationEngine):
     """transformers' ``generate`` with TRL's sampling settings (temperature, top-p/k, min-p, repetition
-    penalty, ``generation_kwargs``)."""
+    penalty, ``generation_kwargs``), or greedy decoding (``greedy=True``: no sampling setting applies, so none
+    is passed)."""
 
-    def __init__(self, tokenizer, config, eos: list[int]):
+    def __init__(self, tokenizer, config, eos: list[int], greedy: bool = False):
         self.kwargs: dict[str, Any] = dict(
-            do_sample=True,
             max_new_tokens=config.max_completion_length,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+            use_cache=True,
+        )
+        if greedy:
+            # Named explicitly, so a model's generation_config cannot switch sampling (or its settings) on.
+            self.kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+            return
+        self.kwargs.update(
+            do_sample=True,
             temperature=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
             repetition_penalty=config.repetition_penalty,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            use_cache=True,
         )
         if config.min_p is not None:
             self.kwargs["min_p"] = config.min_p
@@ -189,10 +196,12 @@ def sample_completions(
     engine: GenerationEngine,
     eos: list[int],
     device: torch.device | None = None,
+    num_generations: int | None = None,
 ) -> Rollout:
-    """``config.num_generations`` completions of each record's ``prompt``, decoded, masked, on the policy's
-    device; ``texts`` holds the prompts and completions (chat messages where the prompt is a conversation)."""
-    g = config.num_generations
+    """``num_generations`` (default ``config.num_generations``) completions of each record's ``prompt``,
+    decoded, masked, on the policy's device; ``texts`` holds the prompts and completions (chat messages where
+    the prompt is a conversation)."""
+    g = num_generations or config.num_generations
     device = device or next(policy.parameters()).device
     prompts = [r["prompt"] for r in records for _ in range(g)]
     prompt_ids, prompt_mask, cut = tokenize_prompts(

@@ -40,6 +40,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, GSPOModule, L.Trainer
         trainer_kwargs["max_epochs"] = -1
     else:
         trainer_kwargs["max_epochs"] = math.ceil(algo.num_train_epochs)
+    if algo.eval_steps and cfg.trainer.get("val_check_interval") is None:
+        # Lightning counts training batches, and one training batch here is one micro-batch.
+        trainer_kwargs["val_check_interval"] = algo.eval_steps * algo.gradient_accumulation_steps
+        trainer_kwargs["check_val_every_n_epoch"] = None
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_kwargs
     )
