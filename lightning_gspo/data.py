@@ -207,15 +207,15 @@ class PromptGroupDataModule(L.LightningDataModule):
 
     def _load(self, source: Any, split: str, max_samples: int | None):
         ds = load_prompts(source() if callable(source) else source, split)
+        if max_samples is not None:
+            ds = ds.select(range(min(max_samples, len(ds))))
         if len(ds) == 0:
-            raise ValueError(f"the prompt dataset from {source!r} is empty.")
+            raise ValueError(f"the prompt dataset from {source!r} is empty (max_samples={max_samples}).")
         if self.prompt_column not in ds.column_names:
             raise ValueError(
                 f"prompt_column={self.prompt_column!r} is not a column of the dataset; its columns are "
                 f"{ds.column_names}. Set data.prompt_column."
             )
-        if max_samples is not None:
-            ds = ds.select(range(min(max_samples, len(ds))))
         if self.prompt_column != "prompt":
             ds = ds.rename_column(self.prompt_column, "prompt") if "prompt" not in ds.column_names else ds
         if self.system_prompt:
@@ -258,7 +258,10 @@ class PromptGroupDataModule(L.LightningDataModule):
         mine = batches[self.rank :: self.world_size]
         per_rank = math.ceil(len(batches) / self.world_size)
         mine += [EvalBatch(batches[0].records, batches[0].index, weight=0.0)] * (per_rank - len(mine))
-        return DataLoader(mine, batch_size=None, collate_fn=_identity, num_workers=0)
+        # Its own generator: iterating a loader draws a base seed, which must not come from training's stream.
+        return DataLoader(
+            mine, batch_size=None, collate_fn=_identity, num_workers=0, generator=torch.Generator()
+        )
 
     # ---- resume: where the next batch starts ----
     def resume_after(self, epoch: int, index: int, repeat: int) -> None:

@@ -80,13 +80,16 @@ class Evaluator:
                 "name the one whose value decides success for pass@k."
             )
         self.success_index = self.reward_names.index(name)
-        self.k = (
-            config.num_generations if config.num_generations_eval is None else config.num_generations_eval
-        )
         self.weights = torch.tensor(config.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
         self.greedy = HFGenerate(tokenizer, config, eos, greedy=True)
         self.sampled = HFGenerate(tokenizer, config, eos)
         self.totals = EvalTotals()
+
+    @property
+    def k(self) -> int:
+        """Sampled completions per prompt (0: none)."""
+        cfg = self.config
+        return cfg.num_generations if cfg.num_generations_eval is None else cfg.num_generations_eval
 
     def reset(self) -> None:
         self.totals = EvalTotals()

@@ -148,10 +148,7 @@ class GSPOModule(L.LightningModule):
             self.evaluator.reset()
             for batch in dm.val_dataloader():
                 self.evaluator.add_batch(self.policy, batch, self.device)
-            metrics = self._eval_metrics("eval")
-            if self.global_rank == 0:  # before any step: logged at step 0, the baseline
-                for logger in self.loggers:
-                    logger.log_metrics(metrics, step=0)
+            self._log_metrics(self._eval_metrics("eval"))  # the baseline, at step 0
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
@@ -179,10 +176,21 @@ class GSPOModule(L.LightningModule):
         if self.trainer.sanity_checking:  # Lightning's pre-training check logs nothing
             return
         metrics = self._eval_metrics(prefix)  # already the same on every rank
+        fitting = self.trainer.state.fn == "fit"
+        if fitting:
+            # Written at the optimizer step, like the training metrics (Lightning's own logging would count
+            # micro-batches); self.log keeps them for callbacks (ModelCheckpoint's monitor) and the progress bar.
+            self._log_metrics(metrics)
         reward = metrics.pop(f"{prefix}/reward", None)
-        self.log_dict(metrics, sync_dist=False)
+        self.log_dict(metrics, logger=not fitting, sync_dist=False)
         if reward is not None:
-            self.log(f"{prefix}/reward", reward, prog_bar=True, sync_dist=False)
+            self.log(f"{prefix}/reward", reward, prog_bar=True, logger=not fitting, sync_dist=False)
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        if self.global_rank == 0:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+                logger.save()
 
     # ---- the rollout ----
     @torch.no_grad()
@@ -294,10 +302,7 @@ class GSPOModule(L.LightningModule):
         means = window.means()
         window.reset()
         self.state.last_logged_step = step
-        if self.global_rank == 0:
-            for logger in self.loggers:
-                logger.log_metrics(means, step=step)
-                logger.save()
+        self._log_metrics(means)
         if self.config.log_completions and self.global_rank == 0:
             limit = self.config.num_completions_to_print or self.config.num_generations
             prompts, completions, rewards, advantages = self._last_rows
