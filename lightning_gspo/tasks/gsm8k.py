@@ -121,3 +121,7 @@ def _load(source: str | Path, split: str, subset: str | None):
     import datasets
 
     return datasets.load_dataset(text, subset, split=split)
+
+
+# Tokens a completion needs to hold an answer: a worked solution in <reasoning> and the number in <answer>.
+make_dataset.completion_tokens_needed = 256
