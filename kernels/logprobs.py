@@ -37,7 +37,13 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning_gspo.kernels.policy_loss import resolve_backend
+from lightning_gspo.kernels.backend_and_precision import (
+    addmm_,
+    compute_dtype,
+    matmul_operand,
+    mm_f32,
+    resolve_backend,
+)
 
 # A tile holds at most this many logits unless ``chunk_size`` says otherwise: 64 MB of float32 on the CPU; on
 # CUDA 128 Mi logits (a 512 MB float32 chunk plus a 256 MB bfloat16 gradient tile), where bigger products keep
@@ -57,49 +63,14 @@ def _tile_plan(n_rows: int, vocab: int, tile_logits: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` written in ``acc_dtype``: no rounding of the product to bfloat16 first."""
-    if a.dtype == acc_dtype:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=acc_dtype)
-        except (TypeError, RuntimeError):
-            pass
-    return a.to(acc_dtype) @ b.to(acc_dtype)
-
-
-def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in float32/64 and ``a``, ``b`` possibly bfloat16."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError):
-            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
 # ----------------------------------------------------------------------------------------------------
 # PyTorch tiles
 # ----------------------------------------------------------------------------------------------------
 
 
-def _operand(x: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    # CPU matmuls of bfloat16/float16 write the same dtype; upcast so the logits are not rounded.
-    return x if x.is_cuda else x.to(acc_dtype)
-
-
 def _logits_tile(h, w, b, inv_t, acc_dtype):
     """(r, v) logits in ``acc_dtype`` of rows ``h`` (r, H) against head rows ``w`` (v, H)."""
-    z = _mm_f32(h, w.t(), acc_dtype)
+    z = mm_f32(h, w.t(), acc_dtype)
     if b is not None:
         z.add_(b.to(acc_dtype))
     return z.mul_(inv_t)
@@ -109,7 +80,7 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
     """Per-row (logsumexp, target logit, entropy or None), one tile at a time; and, with ``keep_tile`` when the
     logits are a single tile, that tile's log-probs (N, V) for the backward (else None)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden.dtype)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     target = torch.empty(n, dtype=acc, device=hidden.device)
     entropy = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
@@ -118,7 +89,7 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
     keep_tile = keep_tile and rows >= n and cols >= vocab and n > 0
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        h = _operand(hidden[r0:r1], acc)  # (r, H)
+        h = matmul_operand(hidden[r0:r1], acc)  # (r, H)
         t = token_ids[r0:r1]  # (r,)
         m = torch.full((r1 - r0,), -math.inf, dtype=acc, device=hidden.device)
         s = torch.zeros_like(m)
@@ -127,7 +98,7 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
             z = _logits_tile(
-                h, _operand(weight[v0:v1], acc), None if bias is None else bias[v0:v1], inv_t, acc
+                h, matmul_operand(weight[v0:v1], acc), None if bias is None else bias[v0:v1], inv_t, acc
             )
             local = t - v0
             hit = (local >= 0) & (local < v1 - v0)
@@ -189,11 +160,11 @@ def _weight_grad_tile(
 ) -> None:
     """``grad_w_slice (v, H) (+)= dz.T (v, r) @ h (r, H)``: the head's share of one tile."""
     if accumulate:
-        _addmm_(grad_w_slice, dz.t(), h)
+        addmm_(grad_w_slice, dz.t(), h)
     elif dz.dtype == h.dtype == grad_w_slice.dtype:
         torch.mm(dz.t(), h, out=grad_w_slice)  # one rounding, from the matmul's float32 accumulator
     else:
-        grad_w_slice.copy_(_mm_f32(dz.t(), h, _acc_dtype(grad_w_slice.dtype)))
+        grad_w_slice.copy_(mm_f32(dz.t(), h, compute_dtype(grad_w_slice.dtype)))
 
 
 def _backward(ctx, grad_logps, grad_entropy):
@@ -203,7 +174,7 @@ def _backward(ctx, grad_logps, grad_entropy):
         grad_entropy = None
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden.dtype)
     grad_h = torch.zeros_like(hidden) if need_h else None
     grad_w = None
     grad_b = torch.zeros_like(bias) if need_b else None
@@ -241,12 +212,12 @@ def _backward(ctx, grad_logps, grad_entropy):
     if use_triton:
         from lightning_gspo.kernels import logprobs_triton
     else:
-        h_sel = _operand(h_sel, acc)
+        h_sel = matmul_operand(h_sel, acc)
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
         w_tile = weight[v0:v1]  # (v, H)
         b_tile = None if bias is None else bias[v0:v1]
-        w_op = w_tile if use_triton else _operand(w_tile, acc)
+        w_op = w_tile if use_triton else matmul_operand(w_tile, acc)
         for r0 in range(0, m, rows_per_block):
             r1 = min(r0 + rows_per_block, m)
             h_blk = h_sel[r0:r1]
@@ -279,9 +250,9 @@ def _backward(ctx, grad_logps, grad_entropy):
                 dz = dz.to(hidden.dtype)  # tensor-core products; float32 accumulation below
             if need_h:
                 if dh is None:
-                    grad_h.index_copy_(0, rows[part], _mm_f32(dz, w_op, acc).to(hidden.dtype))
+                    grad_h.index_copy_(0, rows[part], mm_f32(dz, w_op, acc).to(hidden.dtype))
                 else:
-                    _addmm_(dh[part], dz, w_op)
+                    addmm_(dh[part], dz, w_op)
             if need_w:
                 _weight_grad_tile(w_acc[v0:v1], dz, h_blk, accumulate=not one_row_block)
             del dz
@@ -320,7 +291,7 @@ class SelectiveLogprobsFunction(torch.autograd.Function):
         ctx.with_entropy = with_entropy
         ctx.backend = backend
         ctx.tile_logits = tile_logits
-        out_dtype = _acc_dtype(hidden.dtype)
+        out_dtype = compute_dtype(hidden.dtype)
         logps = (target - lse).to(out_dtype)
         if entropy is None:
             ent_out = logps.new_empty(0)

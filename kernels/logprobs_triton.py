@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lightning_gspo.kernels.backend_and_precision import mm_f32
 
 
 @triton.jit
@@ -301,12 +302,6 @@ def _num_splits(device: torch.device, n_row_blocks: int, n_col_blocks: int) -> i
     return max(1, min(n_col_blocks, triton.cdiv(2 * sms, n_row_blocks)))
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from lightning_gspo.kernels.logprobs import _mm_f32 as mm
-
-    return mm(a, b, torch.float32)
-
-
 def _launch_forward(
     hidden, weight, z, bias, token_ids, part, row0, r, col0, vt, slot0, inv_t, with_entropy, splits
 ):
@@ -394,7 +389,7 @@ def forward_stats(
             r1 = min(r0 + rows, n)
             for j, v0 in enumerate(range(0, vocab, cols)):
                 v1 = min(v0 + cols, vocab)
-                z = _mm_f32(hidden[r0:r1], weight[v0:v1].t())  # (r, v) float32
+                z = mm_f32(hidden[r0:r1], weight[v0:v1].t(), torch.float32)  # (r, v)
                 _launch_forward(
                     hidden,
                     weight,
@@ -440,7 +435,7 @@ def dlogits(
     """The gradient w.r.t. the logits tile (R, VT), in ``h``'s dtype, recomputed from the saved logsumexp."""
     r, hdim = h.shape
     vt = w.shape[0]
-    z = None if MATMUL["dlogits"] == "fused" else _mm_f32(h, w.t())  # (R, VT) float32
+    z = None if MATMUL["dlogits"] == "fused" else mm_f32(h, w.t(), torch.float32)  # (R, VT)
     cfg = _config("dlogits" if z is None else "fold", h.device, h.dtype)
     dz = torch.empty(r, vt, dtype=h.dtype, device=h.device)
     dummy = lse

@@ -21,15 +21,15 @@ in ``policy_loss_triton.py`` (CUDA, or the Triton interpreter when ``TRITON_INTE
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
+from lightning_gspo.kernels.backend_and_precision import BACKENDS as BACKENDS  # public here too
+from lightning_gspo.kernels.backend_and_precision import compute_dtype, resolve_backend
 
 LEVELS = ("token", "sequence", "sequence_token")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-BACKENDS = ("auto", "torch", "triton")
 
 _warned_length_weighting = False
 
@@ -124,34 +124,6 @@ def _check_tensors(
         )
 
 
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton path can run for tensors on ``device``, and if not, why."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    if device.type == "cuda":
-        return True, ""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, (
-        f"tensors are on {device.type}; the Triton kernel runs on CUDA, or on the CPU only under Triton's "
-        "interpreter (set TRITON_INTERPRET=1 before triton is imported)"
-    )
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device)[0] else "torch"
-    if backend == "triton":
-        ok, why = triton_available(device)
-        if not ok:
-            raise ValueError(f"backend='triton' cannot run: {why}. Use backend='torch' or 'auto'.")
-    return backend
-
-
 def policy_loss(
     per_token_logps: torch.Tensor,  # (B, T) carries the gradient
     old_per_token_logps: torch.Tensor | None,  # (B, T) or None -> per_token_logps.detach()
@@ -231,11 +203,6 @@ def _warn_length_weighting(loss_type: str) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 inputs, float64 stays float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def aggregate(per_token_loss, mask, spec: LossSpec, normaliser):

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lightning_gspo.kernels.policy_loss import LossSpec, compute_dtype, finish_metrics
+from lightning_gspo.kernels.backend_and_precision import compute_dtype
+from lightning_gspo.kernels.policy_loss import LossSpec, finish_metrics
 
 _LEVEL_IDS = {"token": 0, "sequence": 1, "sequence_token": 2}
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
