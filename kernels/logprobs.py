@@ -393,6 +393,12 @@ class SelectiveLogprobsFunction(torch.autograd.Function):
 
 
 def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
+    _validate_hidden_and_head(hidden, weight)
+    _validate_token_ids(token_ids, hidden, weight.shape[0])
+    _validate_options(temperature, bias, chunk_size, weight.shape[0], hidden.device)
+
+
+def _validate_hidden_and_head(hidden, weight):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a (N, H) tensor, got shape {tuple(getattr(hidden, 'shape', ()))}.")
     if not hidden.is_floating_point():
@@ -410,6 +416,9 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
         raise ValueError(
             f"weight is on {weight.device} and hidden on {hidden.device}; they must share a device."
         )
+
+
+def _validate_token_ids(token_ids, hidden, vocab: int):
     if not isinstance(token_ids, torch.Tensor) or token_ids.shape != (hidden.shape[0],):
         raise ValueError(
             f"token_ids must be (N,) = ({hidden.shape[0]},), one per row of hidden; got shape "
@@ -419,7 +428,6 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
         raise ValueError(f"token_ids must be an int64 (or int32) tensor, got {token_ids.dtype}.")
     if token_ids.device != hidden.device:
         raise ValueError(f"token_ids is on {token_ids.device} and hidden on {hidden.device}.")
-    vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError("weight has no rows: the vocabulary is empty.")
     if token_ids.numel() > 0:
@@ -428,6 +436,9 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
             raise ValueError(
                 f"token_ids must lie in [0, {vocab}) (the rows of weight); found min {lo}, max {hi}."
             )
+
+
+def _validate_options(temperature, bias, chunk_size, vocab: int, device: torch.device):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive float, got {temperature!r}.")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -438,9 +449,9 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
                 f"bias must be (V,) = ({vocab},), one per row of weight; got shape "
                 f"{tuple(getattr(bias, 'shape', ()))}."
             )
-        if not bias.is_floating_point() or bias.device != hidden.device:
+        if not bias.is_floating_point() or bias.device != device:
             raise ValueError(
-                f"bias must be a floating tensor on {hidden.device}, got {bias.dtype} on {bias.device}."
+                f"bias must be a floating tensor on {device}, got {bias.dtype} on {bias.device}."
             )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
