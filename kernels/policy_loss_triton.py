@@ -34,10 +34,16 @@ import triton.language as tl
 from lightning_gspo.kernels.backend_and_precision import compute_dtype
 from lightning_gspo.kernels.policy_loss import LossSpec, finish_metrics
 
-_LEVEL_IDS = {"token": 0, "sequence": 1, "sequence_token": 2}
+# The importance-sampling level a kernel is specialised for. Globals a @triton.jit function reads must be
+# tl.constexpr; the launcher passes their .value.
+LEVEL_TOKEN = tl.constexpr(0)
+LEVEL_SEQUENCE = tl.constexpr(1)
+LEVEL_SEQUENCE_TOKEN = tl.constexpr(2)
+_LEVEL_IDS = {"token": LEVEL_TOKEN, "sequence": LEVEL_SEQUENCE, "sequence_token": LEVEL_SEQUENCE_TOKEN}
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Rows of the (7, B) per-row statistics written by the forward kernel (the kernels use the literals).
-_LOSS, _LOW, _HIGH, _REGION, _KL, _LOG_S, _LEN = range(7)
+# Rows of the (7, B) per-row statistics: the forward kernel writes them, the backward kernel and the host read
+# them (the host through .value, since torch does not index with a constexpr).
+_LOSS, _LOW, _HIGH, _REGION, _KL, _LOG_S, _LEN = (tl.constexpr(i) for i in range(7))
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -141,7 +147,7 @@ def _policy_loss_fwd_kernel(
     n_len = tl.zeros([BLOCK_T], dtype=tl.int32)
     kl_acc = zero
 
-    if LEVEL == 0:
+    if LEVEL == LEVEL_TOKEN:
         loss_acc = zero
         low_acc = zero
         high_acc = zero
@@ -179,14 +185,14 @@ def _policy_loss_fwd_kernel(
             old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
             lr_acc += lp - old
             n_len += m.to(tl.int32)
-            if LEVEL == 1:
+            if LEVEL == LEVEL_SEQUENCE:
                 if HAS_KL:
                     ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
                     kl = _kl(lp, ref)
                     kl_acc += tl.where(m, kl, 0.0)
         length = tl.sum(n_len, 0)
         log_s = tl.sum(lr_acc, 0) / tl.maximum(length, 1).to(COMPUTE)
-        if LEVEL == 1:
+        if LEVEL == LEVEL_SEQUENCE:
             rho = tl.exp(log_s)
             seq_loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
             loss_sum = tl.where(length > 0, seq_loss * length.to(COMPUTE), 0.0)
@@ -224,13 +230,13 @@ def _policy_loss_fwd_kernel(
             kl_sum = tl.sum(kl_acc, 0)
             low = tl.sum(low_acc, 0)
             high = tl.sum(high_acc, 0)
-    tl.store(stats_ptr + 0 * B + row, loss_sum)
-    tl.store(stats_ptr + 1 * B + row, low)
-    tl.store(stats_ptr + 2 * B + row, high)
-    tl.store(stats_ptr + 3 * B + row, low + high)  # low needs A < 0, high A > 0: never both
-    tl.store(stats_ptr + 4 * B + row, kl_sum)
-    tl.store(stats_ptr + 5 * B + row, log_s)
-    tl.store(stats_ptr + 6 * B + row, length.to(COMPUTE))
+    tl.store(stats_ptr + _LOSS * B + row, loss_sum)
+    tl.store(stats_ptr + _LOW * B + row, low)
+    tl.store(stats_ptr + _HIGH * B + row, high)
+    tl.store(stats_ptr + _REGION * B + row, low + high)  # low needs A < 0, high A > 0: never both
+    tl.store(stats_ptr + _KL * B + row, kl_sum)
+    tl.store(stats_ptr + _LOG_S * B + row, log_s)
+    tl.store(stats_ptr + _LEN * B + row, length.to(COMPUTE))
 
 
 @triton.jit
@@ -269,18 +275,18 @@ def _policy_loss_bwd_kernel(
     beta = tl.load(param_ptr + 3)
     adv = tl.load(adv_ptr + row * s_adv).to(COMPUTE)
     scale = tl.load(scale_ptr + row)
-    log_s = tl.load(stats_ptr + 5 * B + row)
+    log_s = tl.load(stats_ptr + _LOG_S * B + row)
     cols = tl.arange(0, BLOCK_T)
 
-    if LEVEL == 1:
+    if LEVEL == LEVEL_SEQUENCE:
         # Everything through s_i is one number per row: d loss / d log s_i, spread as 1/L over the tokens.
-        length = tl.load(stats_ptr + 6 * B + row)
+        length = tl.load(stats_ptr + _LEN * B + row)
         rho = tl.exp(log_s)
         d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
         d_log_s = length * (d_rho * rho)
         if HAS_KL:
             if BIAS_CORR:
-                d_log_s += beta * tl.load(stats_ptr + 4 * B + row)  # sum_t kl_t * s_i, saved by the forward
+                d_log_s += beta * tl.load(stats_ptr + _KL * B + row)  # sum_t kl_t * s_i, saved by the forward
         g_seq = d_log_s / tl.maximum(length, 1.0)
         for start in range(0, T, BLOCK_T):
             offs = start + cols
@@ -300,7 +306,7 @@ def _policy_loss_bwd_kernel(
             offs = start + cols
             m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
             lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
-            if LEVEL == 0:
+            if LEVEL == LEVEL_TOKEN:
                 old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
                 rho = tl.exp(lp - old)
             else:
@@ -346,7 +352,7 @@ def _common_args(logps, old, ref, mask, advantages):
 
 def _flags(spec: LossSpec, dtype: torch.dtype) -> dict:
     return {
-        "LEVEL": _LEVEL_IDS[spec.level],
+        "LEVEL": _LEVEL_IDS[spec.level].value,
         "HAS_DELTA": spec.delta is not None,
         "HAS_KL": spec.beta != 0,
         "BIAS_CORR": spec.use_bias_correction_kl,
@@ -454,8 +460,8 @@ class TritonPolicyLoss(torch.autograd.Function):
         dtype = compute_dtype(logps.dtype)
         params = _params(spec, dtype, logps.device)
         stats = policy_loss_forward(logps, old, advantages, mask, ref, spec, params, block_t)
-        weights = row_weights(stats[_LEN], spec, normaliser)  # (B,)
-        loss = (stats[_LOSS] * weights).sum()
+        weights = row_weights(stats[_LEN.value], spec, normaliser)  # (B,)
+        loss = (stats[_LOSS.value] * weights).sum()
         ctx.save_for_backward(logps, old, advantages, mask, ref, params, stats, weights)
         ctx.spec = spec
         ctx.block_t = block_t
@@ -498,6 +504,8 @@ def triton_policy_loss(
         raise ValueError("loss_type='dapo' needs the normaliser (the step's token count).")
     ref = ref if spec.beta != 0 else None
     loss, stats = TritonPolicyLoss.apply(logps, old, advantages, mask, ref, spec, normaliser, block_t)
-    kl_sum = stats[_KL] if spec.beta != 0 else None
-    metrics = finish_metrics(stats[_LOW], stats[_HIGH], stats[_REGION], kl_sum, stats[_LEN], spec.level)
+    kl_sum = stats[_KL.value] if spec.beta != 0 else None
+    metrics = finish_metrics(
+        stats[_LOW.value], stats[_HIGH.value], stats[_REGION.value], kl_sum, stats[_LEN.value], spec.level
+    )
     return loss, metrics
