@@ -170,19 +170,8 @@ def policy_loss(
         old_per_token_logps = per_token_logps.detach()
     if spec.beta == 0:
         ref_per_token_logps = None
-    if spec.loss_type == "dapo":
-        if num_items_in_batch is None:
-            num_items_in_batch = mask.sum()
-        normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=per_token_logps.device)
-    else:
-        normaliser = None
-    if which == "triton":
-        from lightning_gspo.kernels.policy_loss_triton import triton_policy_loss
-
-        impl = triton_policy_loss
-    else:
-        impl = torch_policy_loss
-    return impl(
+    normaliser = _dapo_normaliser(spec, num_items_in_batch, mask, per_token_logps.device)
+    return _implementation(which)(
         per_token_logps,
         old_per_token_logps.detach(),
         advantages.detach(),
@@ -191,6 +180,25 @@ def policy_loss(
         spec,
         normaliser,
     )
+
+
+def _dapo_normaliser(spec: LossSpec, num_items_in_batch, mask, device) -> torch.Tensor | None:
+    """dapo's divisor as a float32 tensor on the log-probs' device (the mask's token count unless given); None
+    for the other loss types, which need none."""
+    if spec.loss_type != "dapo":
+        return None
+    if num_items_in_batch is None:
+        num_items_in_batch = mask.sum()
+    return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=device)
+
+
+def _implementation(backend: str):
+    if backend == "triton":
+        # Imported on use: the module needs triton, which the PyTorch path must not.
+        from lightning_gspo.kernels.policy_loss_triton import triton_policy_loss
+
+        return triton_policy_loss
+    return torch_policy_loss
 
 
 def _warn_length_weighting(loss_type: str) -> None:
