@@ -72,6 +72,23 @@ def _logits_tile(
 
 
 @triton.jit
+def _fold_tile(z, cols, col_mask, target, m, s, c, tz, WITH_ENTROPY: tl.constexpr):
+    """Folds a (BLOCK_N, BLOCK_V) tile of logits z (-inf outside ``col_mask``) into each row's running max m,
+    sum s = sum exp(z - m), entropy sum c = sum exp(z - m) (z - m) and target logit tz."""
+    hit = (cols[None, :] == target[:, None]) & col_mask[None, :]  # a target past this range is not in it
+    tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+    e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+    if WITH_ENTROPY:
+        shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
+        c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, c, tz
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr,
     w_ptr,
@@ -132,38 +149,14 @@ def _forward_kernel(
             )
         else:
             z = _logits_tile(
-                h_ptr,
-                w_ptr,
-                rows,
-                col0 + cols,
-                row_mask,
-                col_mask,
-                H,
-                stride_hn,
-                stride_hk,
-                stride_wv,
-                stride_wk,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_H,
-                DOT_PRECISION,
-                UPCAST_DOT,
-                EVEN_H,
-            )
+                h_ptr, w_ptr, rows, col0 + cols, row_mask, col_mask, H,
+                stride_hn, stride_hk, stride_wv, stride_wk,
+                BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT, EVEN_H,
+            )  # fmt: skip
         if HAS_BIAS:
             z += tl.load(b_ptr + col0 + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
-        hit = (cols[None, :] == target[:, None]) & col_mask[None, :]  # a target past this range is not in it
-        tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
-        if WITH_ENTROPY:
-            shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
-            c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, c, tz = _fold_tile(z, cols, col_mask, target, m, s, c, tz, WITH_ENTROPY)
     out = (slot0 + split) * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
@@ -219,24 +212,10 @@ def _dlogits_kernel(
         )
     else:
         z = _logits_tile(
-            h_ptr,
-            w_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            H,
-            stride_hn,
-            stride_hk,
-            stride_wv,
-            stride_wk,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            DOT_PRECISION,
-            UPCAST_DOT,
-            EVEN_H,
-        )
+            h_ptr, w_ptr, rows, cols, row_mask, col_mask, H,
+            stride_hn, stride_hk, stride_wv, stride_wk,
+            BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT, EVEN_H,
+        )  # fmt: skip
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
