@@ -35,9 +35,17 @@ and Triton kernels in ``logprobs_triton.py`` (CUDA, or the interpreter with ``TR
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from lightning_gspo.kernels.policy_loss import resolve_backend
+from lightning_gspo.kernels.backend_and_precision import (
+    addmm_,
+    compute_dtype,
+    matmul_operand,
+    mm_f32,
+    resolve_backend,
+)
 
 # A tile holds at most this many logits unless ``chunk_size`` says otherwise: 64 MB of float32 on the CPU; on
 # CUDA 128 Mi logits (a 512 MB float32 chunk plus a 256 MB bfloat16 gradient tile), where bigger products keep
@@ -57,49 +65,14 @@ def _tile_plan(n_rows: int, vocab: int, tile_logits: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` written in ``acc_dtype``: no rounding of the product to bfloat16 first."""
-    if a.dtype == acc_dtype:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=acc_dtype)
-        except (TypeError, RuntimeError):
-            pass
-    return a.to(acc_dtype) @ b.to(acc_dtype)
-
-
-def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in float32/64 and ``a``, ``b`` possibly bfloat16."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError):
-            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
 # ----------------------------------------------------------------------------------------------------
 # PyTorch tiles
 # ----------------------------------------------------------------------------------------------------
 
 
-def _operand(x: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    # CPU matmuls of bfloat16/float16 write the same dtype; upcast so the logits are not rounded.
-    return x if x.is_cuda else x.to(acc_dtype)
-
-
 def _logits_tile(h, w, b, inv_t, acc_dtype):
     """(r, v) logits in ``acc_dtype`` of rows ``h`` (r, H) against head rows ``w`` (v, H)."""
-    z = _mm_f32(h, w.t(), acc_dtype)
+    z = mm_f32(h, w.t(), acc_dtype)
     if b is not None:
         z.add_(b.to(acc_dtype))
     return z.mul_(inv_t)
@@ -109,7 +82,7 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
     """Per-row (logsumexp, target logit, entropy or None), one tile at a time; and, with ``keep_tile`` when the
     logits are a single tile, that tile's log-probs (N, V) for the backward (else None)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden.dtype)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     target = torch.empty(n, dtype=acc, device=hidden.device)
     entropy = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
@@ -118,7 +91,7 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
     keep_tile = keep_tile and rows >= n and cols >= vocab and n > 0
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        h = _operand(hidden[r0:r1], acc)  # (r, H)
+        h = matmul_operand(hidden[r0:r1], acc)  # (r, H)
         t = token_ids[r0:r1]  # (r,)
         m = torch.full((r1 - r0,), -math.inf, dtype=acc, device=hidden.device)
         s = torch.zeros_like(m)
@@ -127,7 +100,7 @@ def _forward_torch(hidden, weight, bias, token_ids, inv_t, with_entropy, tile_lo
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
             z = _logits_tile(
-                h, _operand(weight[v0:v1], acc), None if bias is None else bias[v0:v1], inv_t, acc
+                h, matmul_operand(weight[v0:v1], acc), None if bias is None else bias[v0:v1], inv_t, acc
             )
             local = t - v0
             hit = (local >= 0) & (local < v1 - v0)
@@ -184,114 +157,198 @@ def _dlogits_torch(h, w, b, targets, v0, lse, entropy, g, g_ent, inv_t, acc_dtyp
 # ----------------------------------------------------------------------------------------------------
 
 
-def _weight_grad_tile(
-    grad_w_slice: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, accumulate: bool
-) -> None:
-    """``grad_w_slice (v, H) (+)= dz.T (v, r) @ h (r, H)``: the head's share of one tile."""
-    if accumulate:
-        _addmm_(grad_w_slice, dz.t(), h)
-    elif dz.dtype == h.dtype == grad_w_slice.dtype:
-        torch.mm(dz.t(), h, out=grad_w_slice)  # one rounding, from the matmul's float32 accumulator
-    else:
-        grad_w_slice.copy_(_mm_f32(dz.t(), h, _acc_dtype(grad_w_slice.dtype)))
+class _LiveRows(NamedTuple):
+    """What the backward needs of the rows whose incoming gradient is not zero, gathered once."""
+
+    index: torch.Tensor  # (M,) positions of the live rows in the batch
+    hidden: torch.Tensor  # (M, H)
+    targets: torch.Tensor  # (M,)
+    lse: torch.Tensor  # (M,)
+    entropy: torch.Tensor | None  # (M,), only when the entropy carries a gradient
+    g: torch.Tensor | None  # (M,) incoming gradient of the log-probs, compute dtype
+    g_ent: torch.Tensor | None  # (M,) incoming gradient of the entropy, compute dtype
+
+    def block(self, part: slice) -> _LiveRows:
+        return _LiveRows(*(None if x is None else x[part] for x in self))
 
 
-def _backward(ctx, grad_logps, grad_entropy):
-    hidden, weight, bias, token_ids, lse, entropy, kept = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if not ctx.with_entropy:
-        grad_entropy = None
-    n, hdim = hidden.shape
-    vocab = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    grad_h = torch.zeros_like(hidden) if need_h else None
-    grad_w = None
-    grad_b = torch.zeros_like(bias) if need_b else None
-
+def _live_row_index(grad_logps, grad_entropy, n: int) -> torch.Tensor | None:
+    """(M,) indices of the rows with a non-zero incoming gradient; None when no gradient arrived at all."""
     live = None
     if grad_logps is not None:
         live = grad_logps != 0
     if grad_entropy is not None:
         live = grad_entropy != 0 if live is None else live | (grad_entropy != 0)
-    rows = None if live is None or n == 0 else live.nonzero().squeeze(1)  # the one sync of the backward
-    m = 0 if rows is None else rows.numel()
-    if m == 0 or not (need_h or need_w or need_b):
-        return grad_h, torch.zeros_like(weight) if need_w else None, grad_b
+    return None if live is None or n == 0 else live.nonzero().squeeze(1)  # the one sync of the backward
 
-    h_sel = hidden.index_select(0, rows)  # (M, H)
-    t_sel = token_ids.index_select(0, rows)
-    lse_sel = lse.index_select(0, rows)
+
+def _gather_live_rows(rows, hidden, token_ids, lse, entropy, grad_logps, grad_entropy) -> _LiveRows:
+    acc = compute_dtype(hidden.dtype)
     g = None if grad_logps is None else grad_logps.index_select(0, rows).to(acc)
     g_ent = None if grad_entropy is None else grad_entropy.index_select(0, rows).to(acc)
-    ent_sel = None if g_ent is None else entropy.index_select(0, rows)
+    return _LiveRows(
+        index=rows,
+        hidden=hidden.index_select(0, rows),
+        targets=token_ids.index_select(0, rows),
+        lse=lse.index_select(0, rows),
+        entropy=None if g_ent is None else entropy.index_select(0, rows),
+        g=g,
+        g_ent=g_ent,
+    )
 
-    rows_per_block, cols = _tile_plan(m, vocab, ctx.tile_logits)
-    one_row_block = rows_per_block >= m
-    if need_w:  # one row block writes each vocabulary slice whole, once: no zero fill needed
-        grad_w = torch.empty_like(weight) if one_row_block else torch.zeros_like(weight)
-    one_col_block = cols >= vocab
-    dh = torch.zeros(m, hdim, dtype=acc, device=hidden.device) if need_h and not one_col_block else None
-    # One row block writes each head slice once; several accumulate, in float32 when the head is not.
-    w_acc = grad_w if need_w and (one_row_block or weight.dtype == acc) else None
-    if need_w and w_acc is None:
-        w_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    b_acc = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
 
-    use_triton = ctx.backend == "triton"
-    if use_triton:
-        from lightning_gspo.kernels import logprobs_triton
+@dataclass
+class _GradBuffers:
+    """The backward's outputs and the compute-dtype buffers that tiles add into before the outputs are
+    written; a buffer is None when its output is not needed or when tiles can write the output directly."""
+
+    dtype: torch.dtype  # the inputs', in which the gradients are returned
+    rows: torch.Tensor  # (M,) live rows, where the hidden gradient lands
+    grad_h: torch.Tensor | None  # (N, H)
+    grad_w: torch.Tensor | None  # (V, H)
+    grad_b: torch.Tensor | None  # (V,)
+    dh: torch.Tensor | None  # (M, H): several vocabulary tiles add to each live row
+    w_acc: torch.Tensor | None  # (V, H): grad_w itself unless several row blocks add in a bfloat16 head
+    b_acc: torch.Tensor | None  # (V,)
+    accumulate_w: bool  # several row blocks add to each head slice
+
+    @classmethod
+    def allocate(cls, hidden, weight, bias, rows, plan, needs) -> _GradBuffers:
+        need_h, need_w, need_b = needs
+        acc = compute_dtype(hidden.dtype)
+        m, (rows_per_block, cols) = rows.numel(), plan
+        one_row_block = rows_per_block >= m
+        grad_w = w_acc = None
+        if need_w:
+            # One row block writes each head slice whole, once: no zero fill. Several accumulate, in float32
+            # when the head is not.
+            grad_w = torch.empty_like(weight) if one_row_block else torch.zeros_like(weight)
+            w_acc = grad_w
+            if not one_row_block and weight.dtype != acc:
+                w_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        dh = None
+        if need_h and cols < weight.shape[0]:  # several vocabulary tiles add to each live row
+            dh = torch.zeros(m, hidden.shape[1], dtype=acc, device=hidden.device)
+        return cls(
+            dtype=hidden.dtype,
+            rows=rows,
+            grad_h=torch.zeros_like(hidden) if need_h else None,
+            grad_w=grad_w,
+            grad_b=torch.zeros_like(bias) if need_b else None,
+            dh=dh,
+            w_acc=w_acc,
+            b_acc=torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need_b else None,
+            accumulate_w=not one_row_block,
+        )
+
+    def add_tile(self, dz, w_op, h_blk, part: slice, v0: int, v1: int) -> None:
+        """Fold one tile's logits gradient dz (r, v) into the gradients of the live rows ``part`` and of the
+        head rows [v0, v1); w_op (v, H) and h_blk (r, H) are the operands the tile was formed from."""
+        acc = compute_dtype(self.dtype)
+        if self.b_acc is not None:
+            self.b_acc[v0:v1] += dz.sum(0, dtype=acc)
+        if dz.is_cuda and dz.dtype != self.dtype:
+            dz = dz.to(self.dtype)  # tensor-core products; float32 accumulation below
+        if self.grad_h is not None:
+            if self.dh is None:
+                self.grad_h.index_copy_(0, self.rows[part], mm_f32(dz, w_op, acc).to(self.dtype))
+            else:
+                addmm_(self.dh[part], dz, w_op)
+        if self.w_acc is not None:
+            _weight_grad_tile(self.w_acc[v0:v1], dz, h_blk, accumulate=self.accumulate_w)
+
+    def finish(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if self.dh is not None:
+            self.grad_h.index_copy_(0, self.rows, self.dh.to(self.dtype))
+        if self.w_acc is not None and self.w_acc is not self.grad_w:
+            self.grad_w.copy_(self.w_acc)
+        if self.b_acc is not None:
+            self.grad_b.copy_(self.b_acc)
+        return self.grad_h, self.grad_w, self.grad_b
+
+
+def _weight_grad_tile(
+    grad_w_slice: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, accumulate: bool
+) -> None:
+    """``grad_w_slice (v, H) (+)= dz.T (v, r) @ h (r, H)``: the head's share of one tile."""
+    if accumulate:
+        addmm_(grad_w_slice, dz.t(), h)
+    elif dz.dtype == h.dtype == grad_w_slice.dtype:
+        torch.mm(dz.t(), h, out=grad_w_slice)  # one rounding, from the matmul's float32 accumulator
     else:
-        h_sel = _operand(h_sel, acc)
-    for v0 in range(0, vocab, cols):
-        v1 = min(v0 + cols, vocab)
+        grad_w_slice.copy_(mm_f32(dz.t(), h, compute_dtype(grad_w_slice.dtype)))
+
+
+def _backward_kept_tile(live: _LiveRows, kept, weight, bias, bufs: _GradBuffers, inv_t: float) -> None:
+    """All the logits were one tile and the forward kept its log-probs: nothing is recomputed."""
+    acc = compute_dtype(weight.dtype)
+    h, w_op = matmul_operand(live.hidden, acc), matmul_operand(weight, acc)
+    logp = kept.index_select(0, live.index)  # (M, V)
+    dz = _dlogits_torch(
+        h, w_op, bias, live.targets, 0, live.lse, live.entropy, live.g, live.g_ent, inv_t, acc, logp
+    )
+    bufs.add_tile(dz, w_op, h, slice(0, h.shape[0]), 0, weight.shape[0])
+
+
+def _backward_torch_tiles(live: _LiveRows, weight, bias, plan, bufs: _GradBuffers, inv_t: float) -> None:
+    """Vocabulary-outer tiles of PyTorch matmuls, each recomputed from the saved logsumexp."""
+    acc = compute_dtype(weight.dtype)
+    live = live._replace(hidden=matmul_operand(live.hidden, acc))
+    rows_per_block, cols = plan
+    m = live.index.numel()
+    for v0 in range(0, weight.shape[0], cols):
+        v1 = min(v0 + cols, weight.shape[0])
+        w_op = matmul_operand(weight[v0:v1], acc)  # (v, H)
+        b_tile = None if bias is None else bias[v0:v1]
+        for r0 in range(0, m, rows_per_block):
+            part = slice(r0, min(r0 + rows_per_block, m))
+            blk = live.block(part)
+            dz = _dlogits_torch(
+                blk.hidden, w_op, b_tile, blk.targets, v0, blk.lse, blk.entropy, blk.g, blk.g_ent, inv_t, acc
+            )
+            bufs.add_tile(dz, w_op, blk.hidden, part, v0, v1)
+            del dz
+
+
+def _backward_triton_tiles(live: _LiveRows, weight, bias, plan, bufs: _GradBuffers, inv_t: float) -> None:
+    """Vocabulary-outer tiles whose logits gradient a Triton kernel recomputes; the products stay in BLAS."""
+    from lightning_gspo.kernels import logprobs_triton
+
+    rows_per_block, cols = plan
+    m = live.index.numel()
+    for v0 in range(0, weight.shape[0], cols):
+        v1 = min(v0 + cols, weight.shape[0])
         w_tile = weight[v0:v1]  # (v, H)
         b_tile = None if bias is None else bias[v0:v1]
-        w_op = w_tile if use_triton else _operand(w_tile, acc)
         for r0 in range(0, m, rows_per_block):
-            r1 = min(r0 + rows_per_block, m)
-            h_blk = h_sel[r0:r1]
-            part = slice(r0, r1)
-            ent_blk = None if ent_sel is None else ent_sel[part]
-            g_blk = None if g is None else g[part]
-            ge_blk = None if g_ent is None else g_ent[part]
-            if use_triton:
-                dz = logprobs_triton.dlogits(
-                    h_blk, w_tile, b_tile, t_sel[part], v0, lse_sel[part], ent_blk, g_blk, ge_blk, ctx.inv_t
-                )
-            else:
-                dz = _dlogits_torch(
-                    h_blk,
-                    w_op,
-                    b_tile,
-                    t_sel[part],
-                    v0,
-                    lse_sel[part],
-                    ent_blk,
-                    g_blk,
-                    ge_blk,
-                    ctx.inv_t,
-                    acc,
-                    None if kept is None else kept.index_select(0, rows),  # one tile: r0 = v0 = 0
-                )
-            if need_b:
-                b_acc[v0:v1] += dz.sum(0, dtype=acc)
-            if dz.is_cuda and dz.dtype != hidden.dtype:
-                dz = dz.to(hidden.dtype)  # tensor-core products; float32 accumulation below
-            if need_h:
-                if dh is None:
-                    grad_h.index_copy_(0, rows[part], _mm_f32(dz, w_op, acc).to(hidden.dtype))
-                else:
-                    _addmm_(dh[part], dz, w_op)
-            if need_w:
-                _weight_grad_tile(w_acc[v0:v1], dz, h_blk, accumulate=not one_row_block)
+            part = slice(r0, min(r0 + rows_per_block, m))
+            blk = live.block(part)
+            dz = logprobs_triton.dlogits(
+                blk.hidden, w_tile, b_tile, blk.targets, v0, blk.lse, blk.entropy, blk.g, blk.g_ent, inv_t
+            )
+            bufs.add_tile(dz, w_tile, blk.hidden, part, v0, v1)
             del dz
-    if dh is not None:
-        grad_h.index_copy_(0, rows, dh.to(hidden.dtype))
-    if need_w and w_acc is not grad_w:
-        grad_w.copy_(w_acc)
-    if need_b:
-        grad_b.copy_(b_acc)
-    return grad_h, grad_w, grad_b
+
+
+def _backward(ctx, grad_logps, grad_entropy):
+    hidden, weight, bias, token_ids, lse, entropy, kept = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if not ctx.with_entropy:
+        grad_entropy = None
+    rows = _live_row_index(grad_logps, grad_entropy, hidden.shape[0])
+    if rows is None or rows.numel() == 0 or not any(needs):
+        return tuple(torch.zeros_like(t) if need else None for t, need in zip((hidden, weight, bias), needs))
+
+    live = _gather_live_rows(rows, hidden, token_ids, lse, entropy, grad_logps, grad_entropy)
+    plan = _tile_plan(rows.numel(), weight.shape[0], ctx.tile_logits)
+    bufs = _GradBuffers.allocate(hidden, weight, bias, rows, plan, needs)
+    if ctx.backend == "triton":
+        _backward_triton_tiles(live, weight, bias, plan, bufs, ctx.inv_t)
+    elif kept is not None:  # the forward kept one tile for N rows, so the M <= N live rows are one tile too
+        _backward_kept_tile(live, kept, weight, bias, bufs, ctx.inv_t)
+    else:
+        _backward_torch_tiles(live, weight, bias, plan, bufs, ctx.inv_t)
+    return bufs.finish()
 
 
 class SelectiveLogprobsFunction(torch.autograd.Function):
@@ -320,7 +377,7 @@ class SelectiveLogprobsFunction(torch.autograd.Function):
         ctx.with_entropy = with_entropy
         ctx.backend = backend
         ctx.tile_logits = tile_logits
-        out_dtype = _acc_dtype(hidden.dtype)
+        out_dtype = compute_dtype(hidden.dtype)
         logps = (target - lse).to(out_dtype)
         if entropy is None:
             ent_out = logps.new_empty(0)
@@ -336,6 +393,12 @@ class SelectiveLogprobsFunction(torch.autograd.Function):
 
 
 def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
+    _validate_hidden_and_head(hidden, weight)
+    _validate_token_ids(token_ids, hidden, weight.shape[0])
+    _validate_options(temperature, bias, chunk_size, weight.shape[0], hidden.device)
+
+
+def _validate_hidden_and_head(hidden, weight):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a (N, H) tensor, got shape {tuple(getattr(hidden, 'shape', ()))}.")
     if not hidden.is_floating_point():
@@ -353,6 +416,9 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
         raise ValueError(
             f"weight is on {weight.device} and hidden on {hidden.device}; they must share a device."
         )
+
+
+def _validate_token_ids(token_ids, hidden, vocab: int):
     if not isinstance(token_ids, torch.Tensor) or token_ids.shape != (hidden.shape[0],):
         raise ValueError(
             f"token_ids must be (N,) = ({hidden.shape[0]},), one per row of hidden; got shape "
@@ -362,7 +428,6 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
         raise ValueError(f"token_ids must be an int64 (or int32) tensor, got {token_ids.dtype}.")
     if token_ids.device != hidden.device:
         raise ValueError(f"token_ids is on {token_ids.device} and hidden on {hidden.device}.")
-    vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError("weight has no rows: the vocabulary is empty.")
     if token_ids.numel() > 0:
@@ -371,6 +436,9 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
             raise ValueError(
                 f"token_ids must lie in [0, {vocab}) (the rows of weight); found min {lo}, max {hi}."
             )
+
+
+def _validate_options(temperature, bias, chunk_size, vocab: int, device: torch.device):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive float, got {temperature!r}.")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -381,9 +449,9 @@ def _validate(hidden, weight, token_ids, temperature, bias, chunk_size):
                 f"bias must be (V,) = ({vocab},), one per row of weight; got shape "
                 f"{tuple(getattr(bias, 'shape', ()))}."
             )
-        if not bias.is_floating_point() or bias.device != hidden.device:
+        if not bias.is_floating_point() or bias.device != device:
             raise ValueError(
-                f"bias must be a floating tensor on {hidden.device}, got {bias.dtype} on {bias.device}."
+                f"bias must be a floating tensor on {device}, got {bias.dtype} on {bias.device}."
             )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1

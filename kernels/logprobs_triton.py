@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lightning_gspo.kernels.backend_and_precision import mm_f32
 
 
 @triton.jit
@@ -68,6 +69,23 @@ def _logits_tile(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _fold_tile(z, cols, col_mask, target, m, s, c, tz, WITH_ENTROPY: tl.constexpr):
+    """Folds a (BLOCK_N, BLOCK_V) tile of logits z (-inf outside ``col_mask``) into each row's running max m,
+    sum s = sum exp(z - m), entropy sum c = sum exp(z - m) (z - m) and target logit tz."""
+    hit = (cols[None, :] == target[:, None]) & col_mask[None, :]  # a target past this range is not in it
+    tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+    e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
+    if WITH_ENTROPY:
+        shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
+        c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, c, tz
 
 
 @triton.jit
@@ -131,38 +149,14 @@ def _forward_kernel(
             )
         else:
             z = _logits_tile(
-                h_ptr,
-                w_ptr,
-                rows,
-                col0 + cols,
-                row_mask,
-                col_mask,
-                H,
-                stride_hn,
-                stride_hk,
-                stride_wv,
-                stride_wk,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_H,
-                DOT_PRECISION,
-                UPCAST_DOT,
-                EVEN_H,
-            )
+                h_ptr, w_ptr, rows, col0 + cols, row_mask, col_mask, H,
+                stride_hn, stride_hk, stride_wv, stride_wk,
+                BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT, EVEN_H,
+            )  # fmt: skip
         if HAS_BIAS:
             z += tl.load(b_ptr + col0 + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
-        hit = (cols[None, :] == target[:, None]) & col_mask[None, :]  # a target past this range is not in it
-        tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(col_mask[None, :], tl.exp(d), 0.0)
-        if WITH_ENTROPY:
-            shift = tl.where(s > 0, m - m_new, 0.0)  # before the first tile s = 0 and m = -inf
-            c = alpha * (c + s * shift) + tl.sum(e * d, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, c, tz = _fold_tile(z, cols, col_mask, target, m, s, c, tz, WITH_ENTROPY)
     out = (slot0 + split) * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
@@ -218,24 +212,10 @@ def _dlogits_kernel(
         )
     else:
         z = _logits_tile(
-            h_ptr,
-            w_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            H,
-            stride_hn,
-            stride_hk,
-            stride_wv,
-            stride_wk,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            DOT_PRECISION,
-            UPCAST_DOT,
-            EVEN_H,
-        )
+            h_ptr, w_ptr, rows, cols, row_mask, col_mask, H,
+            stride_hn, stride_hk, stride_wv, stride_wk,
+            BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT, EVEN_H,
+        )  # fmt: skip
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -299,12 +279,6 @@ def _num_splits(device: torch.device, n_row_blocks: int, n_col_blocks: int) -> i
         return min(2, n_col_blocks)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_col_blocks, triton.cdiv(2 * sms, n_row_blocks)))
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from lightning_gspo.kernels.logprobs import _mm_f32 as mm
-
-    return mm(a, b, torch.float32)
 
 
 def _launch_forward(
@@ -394,7 +368,7 @@ def forward_stats(
             r1 = min(r0 + rows, n)
             for j, v0 in enumerate(range(0, vocab, cols)):
                 v1 = min(v0 + cols, vocab)
-                z = _mm_f32(hidden[r0:r1], weight[v0:v1].t())  # (r, v) float32
+                z = mm_f32(hidden[r0:r1], weight[v0:v1].t(), torch.float32)  # (r, v)
                 _launch_forward(
                     hidden,
                     weight,
@@ -440,7 +414,7 @@ def dlogits(
     """The gradient w.r.t. the logits tile (R, VT), in ``h``'s dtype, recomputed from the saved logsumexp."""
     r, hdim = h.shape
     vt = w.shape[0]
-    z = None if MATMUL["dlogits"] == "fused" else _mm_f32(h, w.t())  # (R, VT) float32
+    z = None if MATMUL["dlogits"] == "fused" else mm_f32(h, w.t(), torch.float32)  # (R, VT)
     cfg = _config("dlogits" if z is None else "fold", h.device, h.dtype)
     dz = torch.empty(r, vt, dtype=h.dtype, device=h.device)
     dummy = lse

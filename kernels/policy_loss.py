@@ -21,15 +21,15 @@ in ``policy_loss_triton.py`` (CUDA, or the Triton interpreter when ``TRITON_INTE
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
+from lightning_gspo.kernels.backend_and_precision import BACKENDS as BACKENDS  # public here too
+from lightning_gspo.kernels.backend_and_precision import compute_dtype, resolve_backend
 
 LEVELS = ("token", "sequence", "sequence_token")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-BACKENDS = ("auto", "torch", "triton")
 
 _warned_length_weighting = False
 
@@ -124,34 +124,6 @@ def _check_tensors(
         )
 
 
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton path can run for tensors on ``device``, and if not, why."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    if device.type == "cuda":
-        return True, ""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, (
-        f"tensors are on {device.type}; the Triton kernel runs on CUDA, or on the CPU only under Triton's "
-        "interpreter (set TRITON_INTERPRET=1 before triton is imported)"
-    )
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device)[0] else "torch"
-    if backend == "triton":
-        ok, why = triton_available(device)
-        if not ok:
-            raise ValueError(f"backend='triton' cannot run: {why}. Use backend='torch' or 'auto'.")
-    return backend
-
-
 def policy_loss(
     per_token_logps: torch.Tensor,  # (B, T) carries the gradient
     old_per_token_logps: torch.Tensor | None,  # (B, T) or None -> per_token_logps.detach()
@@ -198,19 +170,8 @@ def policy_loss(
         old_per_token_logps = per_token_logps.detach()
     if spec.beta == 0:
         ref_per_token_logps = None
-    if spec.loss_type == "dapo":
-        if num_items_in_batch is None:
-            num_items_in_batch = mask.sum()
-        normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=per_token_logps.device)
-    else:
-        normaliser = None
-    if which == "triton":
-        from lightning_gspo.kernels.policy_loss_triton import triton_policy_loss
-
-        impl = triton_policy_loss
-    else:
-        impl = torch_policy_loss
-    return impl(
+    normaliser = _dapo_normaliser(spec, num_items_in_batch, mask, per_token_logps.device)
+    return _implementation(which)(
         per_token_logps,
         old_per_token_logps.detach(),
         advantages.detach(),
@@ -219,6 +180,25 @@ def policy_loss(
         spec,
         normaliser,
     )
+
+
+def _dapo_normaliser(spec: LossSpec, num_items_in_batch, mask, device) -> torch.Tensor | None:
+    """dapo's divisor as a float32 tensor on the log-probs' device (the mask's token count unless given); None
+    for the other loss types, which need none."""
+    if spec.loss_type != "dapo":
+        return None
+    if num_items_in_batch is None:
+        num_items_in_batch = mask.sum()
+    return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=device)
+
+
+def _implementation(backend: str):
+    if backend == "triton":
+        # Imported on use: the module needs triton, which the PyTorch path must not.
+        from lightning_gspo.kernels.policy_loss_triton import triton_policy_loss
+
+        return triton_policy_loss
+    return torch_policy_loss
 
 
 def _warn_length_weighting(loss_type: str) -> None:
@@ -231,11 +211,6 @@ def _warn_length_weighting(loss_type: str) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 inputs, float64 stays float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def aggregate(per_token_loss, mask, spec: LossSpec, normaliser):

@@ -31,12 +31,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lightning_gspo.kernels.policy_loss import LossSpec, compute_dtype, finish_metrics
+from lightning_gspo.kernels.backend_and_precision import compute_dtype
+from lightning_gspo.kernels.policy_loss import LossSpec, finish_metrics
 
-_LEVEL_IDS = {"token": 0, "sequence": 1, "sequence_token": 2}
+# The importance-sampling level a kernel is specialised for. Globals a @triton.jit function reads must be
+# tl.constexpr; the launcher passes their .value.
+LEVEL_TOKEN = tl.constexpr(0)
+LEVEL_SEQUENCE = tl.constexpr(1)
+LEVEL_SEQUENCE_TOKEN = tl.constexpr(2)
+_LEVEL_IDS = {"token": LEVEL_TOKEN, "sequence": LEVEL_SEQUENCE, "sequence_token": LEVEL_SEQUENCE_TOKEN}
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Rows of the (7, B) per-row statistics written by the forward kernel (the kernels use the literals).
-_LOSS, _LOW, _HIGH, _REGION, _KL, _LOG_S, _LEN = range(7)
+# Rows of the (7, B) per-row statistics: the forward kernel writes them, the backward kernel and the host read
+# them (the host through .value, since torch does not index with a constexpr).
+_LOSS, _LOW, _HIGH, _REGION, _KL, _LOG_S, _LEN = (tl.constexpr(i) for i in range(7))
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -103,6 +110,144 @@ def _kl_grad(lp, ref):
 
 
 @triton.jit
+def _token_level_sums(
+    logp_ptr, s_lp_b, s_lp_t,
+    old_ptr, s_old_b, s_old_t,
+    ref_ptr, s_ref_b, s_ref_t,
+    mask_ptr, s_m_b, s_m_t,
+    row, T, adv, lo, hi, delta, beta,
+    HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, BIAS_CORR: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """GRPO's row in one pass, a ratio per token: (loss sum, low count, high count, kl sum, 0, length)."""
+    cols = tl.arange(0, BLOCK_T)
+    zero = tl.zeros([BLOCK_T], dtype=COMPUTE)
+    n_len = tl.zeros([BLOCK_T], dtype=tl.int32)
+    kl_acc = zero
+    loss_acc = zero
+    low_acc = zero
+    high_acc = zero
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+        lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+        old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
+        rho = tl.exp(lp - old)
+        loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
+        if HAS_KL:
+            ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+            kl = _kl(lp, ref)
+            if BIAS_CORR:
+                kl = kl * rho
+            loss = loss + beta * kl
+            kl_acc += tl.where(m, kl, 0.0)
+        loss_acc += tl.where(m, loss, 0.0)
+        low_acc += tl.where(m & is_low, 1.0, 0.0)
+        high_acc += tl.where(m & is_high, 1.0, 0.0)
+        n_len += m.to(tl.int32)
+    low = tl.sum(low_acc, 0)
+    high = tl.sum(high_acc, 0)
+    loss_sum = tl.sum(loss_acc, 0)
+    kl_sum = tl.sum(kl_acc, 0)
+    log_s = tl.sum(zero, 0)  # no sequence ratio at this level
+    return loss_sum, low, high, kl_sum, log_s, tl.sum(n_len, 0)
+
+
+@triton.jit
+def _mean_log_ratio(
+    logp_ptr, s_lp_b, s_lp_t,
+    old_ptr, s_old_b, s_old_t,
+    ref_ptr, s_ref_b, s_ref_t,
+    mask_ptr, s_m_b, s_m_t,
+    row, T,
+    LEVEL: tl.constexpr, HAS_KL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """The first pass of both sequence levels: (log s_i, length, and at sequence level the (BLOCK_T,) partial
+    sums of the raw KL, else zeros)."""
+    cols = tl.arange(0, BLOCK_T)
+    zero = tl.zeros([BLOCK_T], dtype=COMPUTE)
+    n_len = tl.zeros([BLOCK_T], dtype=tl.int32)
+    kl_acc = zero
+    lr_acc = zero
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+        lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+        old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
+        lr_acc += lp - old
+        n_len += m.to(tl.int32)
+        if LEVEL == LEVEL_SEQUENCE:
+            if HAS_KL:
+                ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+                kl = _kl(lp, ref)
+                kl_acc += tl.where(m, kl, 0.0)
+    length = tl.sum(n_len, 0)
+    log_s = tl.sum(lr_acc, 0) / tl.maximum(length, 1).to(COMPUTE)
+    return log_s, length, kl_acc
+
+
+@triton.jit
+def _sequence_level_sums(
+    log_s, length, kl_acc, adv, lo, hi, delta, beta,
+    HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, BIAS_CORR: tl.constexpr, COMPUTE: tl.constexpr,
+):  # fmt: skip
+    """GSPO's row: one clip decision for the whole sequence. (loss sum, low, high, kl sum)."""
+    rho = tl.exp(log_s)
+    seq_loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
+    loss_sum = tl.where(length > 0, seq_loss * length.to(COMPUTE), 0.0)
+    kl_sum = tl.sum(kl_acc, 0)
+    if HAS_KL:
+        if BIAS_CORR:
+            kl_sum = kl_sum * rho
+        loss_sum = loss_sum + beta * kl_sum
+    low = tl.where(is_low, 1.0, 0.0).to(COMPUTE)
+    high = tl.where(is_high, 1.0, 0.0).to(COMPUTE)
+    return loss_sum, low, high, kl_sum
+
+
+@triton.jit
+def _sequence_token_sums(
+    logp_ptr, s_lp_b, s_lp_t,
+    ref_ptr, s_ref_b, s_ref_t,
+    mask_ptr, s_m_b, s_m_t,
+    row, T, log_s, adv, lo, hi, delta, beta,
+    HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, BIAS_CORR: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """GSPO-token's second pass: the ratio is exp((sg[log s] + logp) - sg[logp]) on every token.
+    (loss sum, low, high, kl sum)."""
+    cols = tl.arange(0, BLOCK_T)
+    zero = tl.zeros([BLOCK_T], dtype=COMPUTE)
+    kl_acc = zero
+    loss_acc = zero
+    low_acc = zero
+    high_acc = zero
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+        lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+        rho = tl.exp((log_s + lp) - lp)
+        loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
+        if HAS_KL:
+            ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+            kl = _kl(lp, ref)
+            if BIAS_CORR:
+                kl = kl * rho
+            loss = loss + beta * kl
+            kl_acc += tl.where(m, kl, 0.0)
+        loss_acc += tl.where(m, loss, 0.0)
+        # The reference counts one decision per sequence, read at column 0.
+        first = (offs == 0) & (offs < T)
+        low_acc += tl.where(first & is_low, 1.0, 0.0)
+        high_acc += tl.where(first & is_high, 1.0, 0.0)
+    loss_sum = tl.sum(loss_acc, 0)
+    kl_sum = tl.sum(kl_acc, 0)
+    low = tl.sum(low_acc, 0)
+    high = tl.sum(high_acc, 0)
+    return loss_sum, low, high, kl_sum
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr,  # (B, T)
     old_ptr,  # (B, T)
@@ -135,101 +280,106 @@ def _policy_loss_fwd_kernel(
     delta = tl.load(param_ptr + 2)
     beta = tl.load(param_ptr + 3)
     adv = tl.load(adv_ptr + row * s_adv).to(COMPUTE)
-    cols = tl.arange(0, BLOCK_T)
-    zero = tl.zeros([BLOCK_T], dtype=COMPUTE)
-    n_len = tl.zeros([BLOCK_T], dtype=tl.int32)
-    kl_acc = zero
+    if LEVEL == LEVEL_TOKEN:
+        loss_sum, low, high, kl_sum, log_s, length = _token_level_sums(
+            logp_ptr, s_lp_b, s_lp_t, old_ptr, s_old_b, s_old_t, ref_ptr, s_ref_b, s_ref_t,
+            mask_ptr, s_m_b, s_m_t, row, T, adv, lo, hi, delta, beta,
+            HAS_DELTA, HAS_KL, BIAS_CORR, COMPUTE, BLOCK_T,
+        )  # fmt: skip
+    else:
+        log_s, length, kl_acc = _mean_log_ratio(
+            logp_ptr, s_lp_b, s_lp_t, old_ptr, s_old_b, s_old_t, ref_ptr, s_ref_b, s_ref_t,
+            mask_ptr, s_m_b, s_m_t, row, T, LEVEL, HAS_KL, COMPUTE, BLOCK_T,
+        )  # fmt: skip
+        if LEVEL == LEVEL_SEQUENCE:
+            loss_sum, low, high, kl_sum = _sequence_level_sums(
+                log_s, length, kl_acc, adv, lo, hi, delta, beta, HAS_DELTA, HAS_KL, BIAS_CORR, COMPUTE
+            )
+        else:
+            loss_sum, low, high, kl_sum = _sequence_token_sums(
+                logp_ptr, s_lp_b, s_lp_t, ref_ptr, s_ref_b, s_ref_t, mask_ptr, s_m_b, s_m_t,
+                row, T, log_s, adv, lo, hi, delta, beta,
+                HAS_DELTA, HAS_KL, BIAS_CORR, COMPUTE, BLOCK_T,
+            )  # fmt: skip
+    tl.store(stats_ptr + _LOSS * B + row, loss_sum)
+    tl.store(stats_ptr + _LOW * B + row, low)
+    tl.store(stats_ptr + _HIGH * B + row, high)
+    tl.store(stats_ptr + _REGION * B + row, low + high)  # low needs A < 0, high A > 0: never both
+    tl.store(stats_ptr + _KL * B + row, kl_sum)
+    tl.store(stats_ptr + _LOG_S * B + row, log_s)
+    tl.store(stats_ptr + _LEN * B + row, length.to(COMPUTE))
 
-    if LEVEL == 0:
-        loss_acc = zero
-        low_acc = zero
-        high_acc = zero
-        for start in range(0, T, BLOCK_T):
-            offs = start + cols
-            m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+
+@triton.jit
+def _sequence_level_grad(
+    logp_ptr, s_lp_b, s_lp_t,
+    ref_ptr, s_ref_b, s_ref_t,
+    mask_ptr, s_m_b, s_m_t,
+    stats_ptr, grad_ptr, B, row, T, log_s, scale, adv, lo, hi, delta, beta,
+    HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, BIAS_CORR: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Writes GSPO's row of d loss / d logp: everything through s_i is one number per row, d loss / d log s_i,
+    spread as 1/L over the tokens, plus each token's own KL gradient."""
+    cols = tl.arange(0, BLOCK_T)
+    length = tl.load(stats_ptr + _LEN * B + row)
+    rho = tl.exp(log_s)
+    d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
+    d_log_s = length * (d_rho * rho)
+    if HAS_KL:
+        if BIAS_CORR:
+            d_log_s += beta * tl.load(stats_ptr + _KL * B + row)  # sum_t kl_t * s_i, saved by the forward
+    g_seq = d_log_s / tl.maximum(length, 1.0)
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+        g = tl.zeros([BLOCK_T], dtype=COMPUTE) + g_seq
+        if HAS_KL:
             lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+            ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+            d_kl = _kl_grad(lp, ref)
+            if BIAS_CORR:
+                d_kl = d_kl * rho
+            g += beta * d_kl
+        g = tl.where(m, g * scale, 0.0)
+        tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
+
+
+@triton.jit
+def _per_token_grad(
+    logp_ptr, s_lp_b, s_lp_t,
+    old_ptr, s_old_b, s_old_t,
+    ref_ptr, s_ref_b, s_ref_t,
+    mask_ptr, s_m_b, s_m_t,
+    grad_ptr, row, T, log_s, scale, adv, lo, hi, delta, beta,
+    LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, BIAS_CORR: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Writes the row of d loss / d logp at the token and sequence_token levels, where each token's ratio has
+    its own gradient path."""
+    cols = tl.arange(0, BLOCK_T)
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
+        lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
+        if LEVEL == LEVEL_TOKEN:
             old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
             rho = tl.exp(lp - old)
-            loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
-            if HAS_KL:
-                ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                kl = _kl(lp, ref)
-                if BIAS_CORR:
-                    kl = kl * rho
-                loss = loss + beta * kl
-                kl_acc += tl.where(m, kl, 0.0)
-            loss_acc += tl.where(m, loss, 0.0)
-            low_acc += tl.where(m & is_low, 1.0, 0.0)
-            high_acc += tl.where(m & is_high, 1.0, 0.0)
-            n_len += m.to(tl.int32)
-        low = tl.sum(low_acc, 0)
-        high = tl.sum(high_acc, 0)
-        loss_sum = tl.sum(loss_acc, 0)
-        kl_sum = tl.sum(kl_acc, 0)
-        log_s = tl.sum(zero, 0)
-        length = tl.sum(n_len, 0)
-    else:
-        # Pass 1: the sequence's mean log-ratio (and, at sequence level, the raw KL sum).
-        lr_acc = zero
-        for start in range(0, T, BLOCK_T):
-            offs = start + cols
-            m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
-            lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
-            old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
-            lr_acc += lp - old
-            n_len += m.to(tl.int32)
-            if LEVEL == 1:
-                if HAS_KL:
-                    ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                    kl = _kl(lp, ref)
-                    kl_acc += tl.where(m, kl, 0.0)
-        length = tl.sum(n_len, 0)
-        log_s = tl.sum(lr_acc, 0) / tl.maximum(length, 1).to(COMPUTE)
-        if LEVEL == 1:
-            rho = tl.exp(log_s)
-            seq_loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
-            loss_sum = tl.where(length > 0, seq_loss * length.to(COMPUTE), 0.0)
-            kl_sum = tl.sum(kl_acc, 0)
-            if HAS_KL:
-                if BIAS_CORR:
-                    kl_sum = kl_sum * rho
-                loss_sum = loss_sum + beta * kl_sum
-            low = tl.where(is_low, 1.0, 0.0).to(COMPUTE)
-            high = tl.where(is_high, 1.0, 0.0).to(COMPUTE)
         else:
-            # Pass 2 (GSPO-token): the ratio is exp((sg[log s] + logp) - sg[logp]) on every token.
-            loss_acc = zero
-            low_acc = zero
-            high_acc = zero
-            for start in range(0, T, BLOCK_T):
-                offs = start + cols
-                m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
-                lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
-                rho = tl.exp((log_s + lp) - lp)
-                loss, is_low, is_high = _clip_loss(rho, adv, lo, hi, delta, HAS_DELTA)
-                if HAS_KL:
-                    ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                    kl = _kl(lp, ref)
-                    if BIAS_CORR:
-                        kl = kl * rho
-                    loss = loss + beta * kl
-                    kl_acc += tl.where(m, kl, 0.0)
-                loss_acc += tl.where(m, loss, 0.0)
-                # The reference counts one decision per sequence, read at column 0.
-                first = (offs == 0) & (offs < T)
-                low_acc += tl.where(first & is_low, 1.0, 0.0)
-                high_acc += tl.where(first & is_high, 1.0, 0.0)
-            loss_sum = tl.sum(loss_acc, 0)
-            kl_sum = tl.sum(kl_acc, 0)
-            low = tl.sum(low_acc, 0)
-            high = tl.sum(high_acc, 0)
-    tl.store(stats_ptr + 0 * B + row, loss_sum)
-    tl.store(stats_ptr + 1 * B + row, low)
-    tl.store(stats_ptr + 2 * B + row, high)
-    tl.store(stats_ptr + 3 * B + row, low + high)  # low needs A < 0, high A > 0: never both
-    tl.store(stats_ptr + 4 * B + row, kl_sum)
-    tl.store(stats_ptr + 5 * B + row, log_s)
-    tl.store(stats_ptr + 6 * B + row, length.to(COMPUTE))
+            rho = tl.exp((log_s + lp) - lp)
+        d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
+        g = d_rho * rho  # d rho / d logp = rho on both paths (the stop-gradient keeps logp's own path)
+        if HAS_KL:
+            ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
+            if BIAS_CORR:
+                # d(k3 rho)/d logp = rho (dk3 + k3) = rho (logp - ref): exact, where autograd's sum of the two
+                # products cancels catastrophically once exp(ref - logp) is large.
+                g += beta * (rho * (lp - ref))
+            else:
+                d_kl = _kl_grad(lp, ref)
+                g += beta * d_kl
+        g = tl.where(m, g * scale, 0.0)
+        tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
 
 
 @triton.jit
@@ -268,55 +418,19 @@ def _policy_loss_bwd_kernel(
     beta = tl.load(param_ptr + 3)
     adv = tl.load(adv_ptr + row * s_adv).to(COMPUTE)
     scale = tl.load(scale_ptr + row)
-    log_s = tl.load(stats_ptr + 5 * B + row)
-    cols = tl.arange(0, BLOCK_T)
-
-    if LEVEL == 1:
-        # Everything through s_i is one number per row: d loss / d log s_i, spread as 1/L over the tokens.
-        length = tl.load(stats_ptr + 6 * B + row)
-        rho = tl.exp(log_s)
-        d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
-        d_log_s = length * (d_rho * rho)
-        if HAS_KL:
-            if BIAS_CORR:
-                d_log_s += beta * tl.load(stats_ptr + 4 * B + row)  # sum_t kl_t * s_i, saved by the forward
-        g_seq = d_log_s / tl.maximum(length, 1.0)
-        for start in range(0, T, BLOCK_T):
-            offs = start + cols
-            m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
-            g = tl.zeros([BLOCK_T], dtype=COMPUTE) + g_seq
-            if HAS_KL:
-                lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
-                ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                d_kl = _kl_grad(lp, ref)
-                if BIAS_CORR:
-                    d_kl = d_kl * rho
-                g += beta * d_kl
-            g = tl.where(m, g * scale, 0.0)
-            tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
+    log_s = tl.load(stats_ptr + _LOG_S * B + row)
+    if LEVEL == LEVEL_SEQUENCE:
+        _sequence_level_grad(
+            logp_ptr, s_lp_b, s_lp_t, ref_ptr, s_ref_b, s_ref_t, mask_ptr, s_m_b, s_m_t,
+            stats_ptr, grad_ptr, B, row, T, log_s, scale, adv, lo, hi, delta, beta,
+            HAS_DELTA, HAS_KL, BIAS_CORR, COMPUTE, BLOCK_T,
+        )  # fmt: skip
     else:
-        for start in range(0, T, BLOCK_T):
-            offs = start + cols
-            m = _load_mask(mask_ptr, row, s_m_b, s_m_t, offs, T)
-            lp = _load_tile(logp_ptr, row, s_lp_b, s_lp_t, offs, m, COMPUTE)
-            if LEVEL == 0:
-                old = _load_tile(old_ptr, row, s_old_b, s_old_t, offs, m, COMPUTE)
-                rho = tl.exp(lp - old)
-            else:
-                rho = tl.exp((log_s + lp) - lp)
-            d_rho = _clip_grad(rho, adv, lo, hi, delta, HAS_DELTA)
-            g = d_rho * rho  # d rho / d logp = rho on both paths (the stop-gradient keeps logp's own path)
-            if HAS_KL:
-                ref = _load_tile(ref_ptr, row, s_ref_b, s_ref_t, offs, m, COMPUTE)
-                if BIAS_CORR:
-                    # d(k3 rho)/d logp = rho (dk3 + k3) = rho (logp - ref): exact, where autograd's sum of the
-                    # two products cancels catastrophically once exp(ref - logp) is large.
-                    g += beta * (rho * (lp - ref))
-                else:
-                    d_kl = _kl_grad(lp, ref)
-                    g += beta * d_kl
-            g = tl.where(m, g * scale, 0.0)
-            tl.store(grad_ptr + row * T + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < T)
+        _per_token_grad(
+            logp_ptr, s_lp_b, s_lp_t, old_ptr, s_old_b, s_old_t, ref_ptr, s_ref_b, s_ref_t,
+            mask_ptr, s_m_b, s_m_t, grad_ptr, row, T, log_s, scale, adv, lo, hi, delta, beta,
+            LEVEL, HAS_DELTA, HAS_KL, BIAS_CORR, COMPUTE, BLOCK_T,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +459,7 @@ def _common_args(logps, old, ref, mask, advantages):
 
 def _flags(spec: LossSpec, dtype: torch.dtype) -> dict:
     return {
-        "LEVEL": _LEVEL_IDS[spec.level],
+        "LEVEL": _LEVEL_IDS[spec.level].value,
         "HAS_DELTA": spec.delta is not None,
         "HAS_KL": spec.beta != 0,
         "BIAS_CORR": spec.use_bias_correction_kl,
@@ -453,8 +567,8 @@ class TritonPolicyLoss(torch.autograd.Function):
         dtype = compute_dtype(logps.dtype)
         params = _params(spec, dtype, logps.device)
         stats = policy_loss_forward(logps, old, advantages, mask, ref, spec, params, block_t)
-        weights = row_weights(stats[_LEN], spec, normaliser)  # (B,)
-        loss = (stats[_LOSS] * weights).sum()
+        weights = row_weights(stats[_LEN.value], spec, normaliser)  # (B,)
+        loss = (stats[_LOSS.value] * weights).sum()
         ctx.save_for_backward(logps, old, advantages, mask, ref, params, stats, weights)
         ctx.spec = spec
         ctx.block_t = block_t
@@ -497,6 +611,8 @@ def triton_policy_loss(
         raise ValueError("loss_type='dapo' needs the normaliser (the step's token count).")
     ref = ref if spec.beta != 0 else None
     loss, stats = TritonPolicyLoss.apply(logps, old, advantages, mask, ref, spec, normaliser, block_t)
-    kl_sum = stats[_KL] if spec.beta != 0 else None
-    metrics = finish_metrics(stats[_LOW], stats[_HIGH], stats[_REGION], kl_sum, stats[_LEN], spec.level)
+    kl_sum = stats[_KL.value] if spec.beta != 0 else None
+    metrics = finish_metrics(
+        stats[_LOW.value], stats[_HIGH.value], stats[_REGION.value], kl_sum, stats[_LEN.value], spec.level
+    )
     return loss, metrics

@@ -4,7 +4,7 @@ import lightning_gspo.kernels.logprobs as lp_mod
 import pytest
 import torch
 from lightning_gspo.kernels import selective_logprobs
-from lightning_gspo.kernels.policy_loss import triton_available
+from lightning_gspo.kernels.backend_and_precision import triton_available
 from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
