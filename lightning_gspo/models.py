@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from lightning_gspo import gguf
+from lightning_gspo.chat_templates import resolve_chat_template
 from lightning_gspo.tiny import VOCABS, build_tiny_model
 
 TINY_PREFIX = "tiny:"
@@ -150,6 +151,10 @@ class ModelConfig:
     """'eager', 'sdpa', 'flash_attention_2', ... None lets transformers choose."""
     trust_remote_code: bool = False
     revision: str | None = None
+    chat_template: str | None = None
+    """A chat template for a model without one (a base model), or to replace its own: a Jinja template, or a
+    name from ``lightning_gspo.chat_templates`` ('chatml', 'gemma'). Set on the tokenizer at load; None keeps
+    the model's."""
     tiny_dir: str = "outputs/tiny_model"
     """Where the tiny model is written (reused when it already exists with the same settings)."""
     tiny: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +182,10 @@ class ModelConfig:
                 f"model.name_or_path={self.name_or_path!r}: the tiny model's vocabularies are "
                 f"{', '.join(TINY_PREFIX + v for v in VOCABS)}."
             )
+        if self.chat_template is not None:
+            if not isinstance(self.chat_template, str):
+                raise ValueError(f"model.chat_template must be a string or None, got {self.chat_template!r}.")
+            resolve_chat_template(self.chat_template)
         self.lora = LoraSettings.from_value(self.lora)
         if self.bnb_4bit_quant_type not in QUANT_TYPES:
             raise ValueError(
@@ -250,6 +259,8 @@ def load_tokenizer(cfg: ModelConfig):
 
     tok = AutoTokenizer.from_pretrained(resolve_path(cfg), trust_remote_code=cfg.trust_remote_code)
     tok.padding_side = "left"
+    if cfg.chat_template is not None:
+        tok.chat_template = resolve_chat_template(cfg.chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from lightning_gspo.chat_templates import CHAT_TEMPLATES
+
 
 @dataclass
 class Rollout:
@@ -78,7 +80,11 @@ def prompt_text(prompt: Any, tokenizer) -> str:
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("the prompts are chat messages but the tokenizer has no chat_template.")
+            raise ValueError(
+                "the prompts are chat messages but the tokenizer has no chat_template (a base model?). Set "
+                f"model.chat_template to a Jinja template or one of {', '.join(map(repr, CHAT_TEMPLATES))} "
+                "(e.g. model.chat_template=chatml), or give plain-text prompts."
+            )
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     raise ValueError(
         f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}: {prompt!r}"

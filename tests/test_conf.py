@@ -163,3 +163,8 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     )
     assert [int(r["step"]) for r in rows] == [2]
     assert float(rows[0]["grad_norm"]) > 0 and "reward" in rows[0]
+
+
+def test_a_chat_template_is_one_override_away(tmp_path):
+    cfg = _compose(tmp_path, "model=smollm2-135m-instruct", "model.chat_template=chatml")
+    assert ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)).chat_template == "chatml"

@@ -45,3 +45,45 @@ def test_chat_prompts_use_the_template(tiny_ascii_dir):
     assert prompt_text("plain", tok) == "plain"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text and len(ids) == len(text)  # one token per character
+
+
+# ---- chat templates for models without one ----
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+
+
+def test_chat_prompts_without_a_template_name_the_setting(tiny_dir):
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_dir)))  # the digits tokenizer has no template
+    with pytest.raises(ValueError, match=r"no chat_template.*model.chat_template.*'chatml'"):
+        prompt_text(CHAT, tok)
+
+
+def test_a_named_chat_template_is_set_on_the_tokenizer(tiny_dir):
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_dir), chat_template="chatml"))
+    assert prompt_text(CHAT, tok) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    gemma = load_tokenizer(ModelConfig(name_or_path=str(tiny_dir), chat_template="gemma"))
+    assert (
+        prompt_text(CHAT, gemma)
+        == "<bos><start_of_turn>user\nBe brief.\n\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_a_jinja_chat_template_replaces_the_models_own(tiny_ascii_dir):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}=> "
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_ascii_dir), chat_template=template))
+    assert prompt_text(CHAT, tok) == "[system] Be brief. [user] 2+2? => "
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("chatlm", r"model.chat_template='chatlm' is neither a named template \('chatml', 'gemma'\)"),
+        ("{% for m in messages %}", r"model.chat_template is not a valid Jinja template"),
+        (3, r"model.chat_template must be a string"),
+    ],
+)
+def test_a_bad_chat_template_is_refused_at_construction(value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(chat_template=value)
