@@ -14,11 +14,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.models import ModelConfig
 from lightning_gspo.module import GSPOModule
+from lightning_gspo.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, GSPOModule, L.Trainer
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     datamodule = hydra.utils.instantiate(cfg.data, algorithm=algo)
     module = GSPOModule(model_cfg, reward_funcs=list(cfg.reward.funcs), config=algo)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = _with_progress_bar(
+        [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()],
+        cfg.trainer.get("enable_progress_bar", True),
+    )
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer_kwargs: dict[str, Any] = {}
     if algo.max_steps > 0:
@@ -52,6 +57,15 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, GSPOModule, L.Trainer
         datamodule.setup("fit")
         trainer.fit_loop.max_steps = datamodule.optimizer_steps(algo.num_train_epochs)
     return datamodule, module, trainer
+
+
+def _with_progress_bar(callbacks: list, enabled: bool) -> list:
+    """The bar over optimizer steps when the trainer shows one and no callback is a bar already; none when it
+    shows none (Lightning refuses a bar callback with ``enable_progress_bar=false``)."""
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+    if not enabled:
+        return [c for c in callbacks if c not in bars]
+    return callbacks if bars else [*callbacks, StepProgressBar()]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
