@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from lightning_gspo import gguf
+from lightning_gspo import bnb_notice, gguf
 from lightning_gspo.chat_templates import resolve_chat_template
 from lightning_gspo.tiny import VOCABS, build_tiny_model
 
@@ -47,6 +47,8 @@ QUANT_TYPES = ("nf4", "fp4")
 LORA_BIAS = ("none", "all", "lora_only")
 # PEFT's spellings, accepted as well as ours so a LoraConfig's keywords carry over.
 LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+# Before anything imports bitsandbytes (PEFT does, lazily, when a model is built).
+bnb_notice.install()
 
 
 @dataclass
