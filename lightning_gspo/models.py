@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from lightning_gspo import gguf
+from lightning_gspo import bnb_notice, gguf
+from lightning_gspo.chat_templates import resolve_chat_template
 from lightning_gspo.tiny import VOCABS, build_tiny_model
 
 TINY_PREFIX = "tiny:"
@@ -46,6 +47,8 @@ QUANT_TYPES = ("nf4", "fp4")
 LORA_BIAS = ("none", "all", "lora_only")
 # PEFT's spellings, accepted as well as ours so a LoraConfig's keywords carry over.
 LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+# Before anything imports bitsandbytes (PEFT does, lazily, when a model is built).
+bnb_notice.install()
 
 
 @dataclass
@@ -150,6 +153,10 @@ class ModelConfig:
     """'eager', 'sdpa', 'flash_attention_2', ... None lets transformers choose."""
     trust_remote_code: bool = False
     revision: str | None = None
+    chat_template: str | None = None
+    """A chat template for a model without one (a base model), or to replace its own: a Jinja template, or a
+    name from ``lightning_gspo.chat_templates`` ('chatml', 'gemma'). Set on the tokenizer at load; None keeps
+    the model's."""
     tiny_dir: str = "outputs/tiny_model"
     """Where the tiny model is written (reused when it already exists with the same settings)."""
     tiny: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +184,10 @@ class ModelConfig:
                 f"model.name_or_path={self.name_or_path!r}: the tiny model's vocabularies are "
                 f"{', '.join(TINY_PREFIX + v for v in VOCABS)}."
             )
+        if self.chat_template is not None:
+            if not isinstance(self.chat_template, str):
+                raise ValueError(f"model.chat_template must be a string or None, got {self.chat_template!r}.")
+            resolve_chat_template(self.chat_template)
         self.lora = LoraSettings.from_value(self.lora)
         if self.bnb_4bit_quant_type not in QUANT_TYPES:
             raise ValueError(
@@ -250,6 +261,8 @@ def load_tokenizer(cfg: ModelConfig):
 
     tok = AutoTokenizer.from_pretrained(resolve_path(cfg), trust_remote_code=cfg.trust_remote_code)
     tok.padding_side = "left"
+    if cfg.chat_template is not None:
+        tok.chat_template = resolve_chat_template(cfg.chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -46,6 +46,7 @@ from lightning_gspo.models import (
 )
 from lightning_gspo.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lightning_gspo.policy_logprobs import fused_unsupported, per_token_logps
+from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
 from lightning_gspo.rewards import resolve_reward_funcs, score_completions
 from lightning_gspo.rollout import GenerationEngine, HFGenerate, Rollout, eos_ids, sample_completions
@@ -312,8 +313,12 @@ class GSPOModule(L.LightningModule):
     # ---- checkpoints ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gspo"] = self.state.state_dict()
+        if is_peft_model(self.policy):  # the adapters, not the frozen base (lightning_gspo.policy_state)
+            checkpoint["state_dict"] = without_frozen(self.policy, checkpoint["state_dict"], "policy.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if is_peft_model(self.policy):
+            checkpoint["state_dict"] = with_frozen(self.policy, checkpoint["state_dict"], "policy.")
         if state := checkpoint.get("gspo"):
             self.state.load_state_dict(state)
             trainer = self._trainer

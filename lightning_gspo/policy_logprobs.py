@@ -12,8 +12,8 @@ Choices, and why:
   flow back into the one prompt forward): G x (P + C) token positions become P + G x C, with the same numbers.
   It costs one more pass over the weights, so it is used only where it saves at least
   ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
-  cache, so models with other caches, and gradient checkpointing (which turns the cache off in training), take
-  the whole sequences.
+  cache, so models with other caches (sliding windows, as in Gemma 3: decided from the config, before any
+  forward), and gradient checkpointing (which turns the cache off in training), take the whole sequences.
 - A tied embedding adds its few gradient rows straight into the head's gradient instead of a second dense
   vocabulary-sized gradient (one process; see ``_tied_embeddings``).
 - The materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
@@ -151,6 +151,33 @@ def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
     return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
 
 
+def _plain_kv_cache(lm) -> bool:
+    """Whether the model's forward keeps a plain key/value cache for every layer (``DynamicLayer``), which is what
+    the completions can attend to row by row. Decided from the config, as transformers' ``DynamicCache`` reads
+    it: sliding-window and chunked layers (Gemma 3, Mistral with a window), layers that share another layer's
+    cache and recurrent (stateful) models keep something else."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # transformers 4.x: caches without per-layer objects
+        return False
+    config = getattr(lm, "config", None)
+    if config is None or getattr(lm, "_is_stateful", False):
+        return False
+    try:
+        cache = DynamicCache(config=config)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a config the cache cannot read: do not guess
+        return False
+    if not cache.layers:  # no layer types in the config: every layer is made a DynamicLayer on first use
+        return getattr(cache, "layer_class_to_replicate", None) is DynamicLayer
+    return _plain_layers(cache.layers)
+
+
+def _plain_layers(layers) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 # Sharing adds a backbone call (one more pass over the weights, forward and backward) to save the repeated
 # prompt positions. On the CPU (benchmarks/logprob_step.py, docs/benchmarks.md) a 0.5B model's 8 completions of
 # 16 tokens after 96-token prompts, 4 per prompt, took 5.0 s instead of 10.6 s forward and backward; with
@@ -162,10 +189,6 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
     distinct prompt run once; None when too few positions would be saved or the model cannot (see the module
     notes)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # transformers 4.x: caches without per-layer objects
-        return None
     p = input_ids.shape[1] - c
     checkpointing = getattr(lm, "is_activation_checkpointing", None)
     if checkpointing is None:
@@ -173,6 +196,8 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     most_saved = (input_ids.shape[0] - 1) * p  # if every row shared one prompt
     if p < 1 or c < 1 or checkpointing or most_saved < SHARE_MIN_SAVED_POSITIONS:
         return None  # decided from shapes alone: no comparison of prompts, no host sync
+    if not _plain_kv_cache(lm):  # decided from the config: no prompt pass to throw away
+        return None
     runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p])
     if runs is None:
         return None
@@ -191,8 +216,8 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
         use_cache=True,
     )
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+    if not _plain_layers(getattr(cache, "layers", None)):
+        # A model that builds a cache of its own kind, which its config did not show: the prompt pass is lost.
         return None
     last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
     if c == 1:

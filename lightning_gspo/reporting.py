@@ -89,5 +89,18 @@ def show_completions(rows: list[dict[str, Any]], step: int, loggers) -> None:
 
 
 def _short(x: Any, width: int = 80) -> str:
-    s = x if isinstance(x, str) else json.dumps(x)
+    s = _readable(x)
     return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _readable(x: Any) -> str:
+    """Plain text as it is; of chat messages, the last user message: cut to the table's width, a whole
+    conversation would show its system prompt and never the question. A completion (one assistant message)
+    shows its text."""
+    if isinstance(x, list) and x and all(isinstance(m, dict) and "role" in m for m in x):
+        users = [m for m in x if m["role"] == "user"]
+        content = (users or x)[-1].get("content", "")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return content if isinstance(content, str) else json.dumps(content)
+    return x if isinstance(x, str) else json.dumps(x)

@@ -7,6 +7,9 @@ class with one method.
 Choices, and why:
 - Prompts are left-padded and truncated from the left, so the end of a prompt (where the question usually sits
   and where generation continues) is kept; a counted warning says how many were cut.
+- Prompts are tokenized without the tokenizer's special tokens (an EOS appended to a prompt would end it), but
+  a model whose tokenizer starts every text with BOS gets exactly one BOS per prompt, plain or chat, whether or
+  not the chat template writes it, and a cut prompt keeps it.
 - An engine receives each distinct prompt once with the group size, so an engine may run a prompt's prefill
   once for its whole group; the rollout holds the prompts repeated, group after group.
 - The completion mask keeps the first EOS (the model chose to stop: that choice is scored) and nothing after it.
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+from lightning_gspo.chat_templates import CHAT_TEMPLATES
 
 
 @dataclass
@@ -78,7 +83,11 @@ def prompt_text(prompt: Any, tokenizer) -> str:
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("the prompts are chat messages but the tokenizer has no chat_template.")
+            raise ValueError(
+                "the prompts are chat messages but the tokenizer has no chat_template (a base model?). Set "
+                f"model.chat_template to a Jinja template or one of {', '.join(map(repr, CHAT_TEMPLATES))} "
+                "(e.g. model.chat_template=chatml), or give plain-text prompts."
+            )
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     raise ValueError(
         f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}: {prompt!r}"
@@ -89,12 +98,18 @@ def tokenize_prompts(
     texts: list[str], tokenizer, max_prompt_length: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Left-padded ids (B, P) and mask (B, P), keeping the last ``max_prompt_length`` tokens; and how many prompts
-    were cut."""
+    were cut. When the tokenizer starts its encodings with BOS, every prompt starts with exactly one: added to
+    text that lacks it, not added again where a chat template wrote it, and kept when the prompt is cut."""
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = leading_bos(tokenizer)
+    if bos is not None:
+        encoded = [ids if ids[:1] == [bos] else [bos, *ids] for ids in encoded]
     cut = 0
     if max_prompt_length is not None:
         cut = sum(len(ids) > max_prompt_length for ids in encoded)
-        encoded = [ids[-max_prompt_length:] for ids in encoded]
+        head = [] if bos is None else [bos]
+        keep = max_prompt_length - len(head)  # tokens after the BOS
+        encoded = [ids if len(ids) <= max_prompt_length else head + ids[len(ids) - keep :] for ids in encoded]
     width = max(len(ids) for ids in encoded)
     if width == 0:
         raise ValueError("every prompt in the batch tokenized to nothing; check the prompt column.")
@@ -105,6 +120,15 @@ def tokenize_prompts(
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = 1
     return ids, mask, cut
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts it first in its encodings by default (Llama, Gemma: the model was
+    trained that way and degenerates without it), else None (Qwen, SmolLM2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    return bos if tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos] else None
 
 
 def completion_mask(

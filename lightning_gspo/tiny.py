@@ -54,16 +54,18 @@ def _byte_level(ch: str) -> str:
     return chr(256 + b) if b <= 32 else chr(256 + 33 + (b - 127))
 
 
-def build_char_tokenizer(vocab: str):
+def build_char_tokenizer(vocab: str, add_bos: bool = False):
     """A character-level Qwen2 tokenizer: byte-level BPE with no merges, so every character is one token.
 
-    Being a real ``Qwen2Tokenizer``, it loads through ``AutoTokenizer`` exactly as Qwen checkpoints do.
+    Being a real ``Qwen2Tokenizer``, it loads through ``AutoTokenizer`` exactly as Qwen checkpoints do. With
+    ``add_bos`` it starts every encoding with ``<bos>``, as Llama's and Gemma's tokenizers do.
     """
     from transformers import Qwen2Tokenizer
 
     specials = list(SPECIAL.values())
     tokens = specials + [_byte_level(c) for c in VOCABS[vocab]]
-    tok = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token=None, **SPECIAL)
+    vocab_ids = {t: i for i, t in enumerate(tokens)}
+    tok = Qwen2Tokenizer(vocab=vocab_ids, merges=[], unk_token=None, add_bos_token=add_bos, **SPECIAL)
     tok.padding_side = "left"
     if vocab == "ascii":
         tok.chat_template = CHAT_TEMPLATE
@@ -82,8 +84,8 @@ def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) 
     stamp = path / "lightning_gspo_tiny.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return path
-    tokenizer = build_char_tokenizer(vocab)
-    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab")}
+    tokenizer = build_char_tokenizer(vocab, add_bos=settings.get("add_bos", False))
+    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab", "add_bos")}
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

@@ -167,3 +167,8 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert float(trained[0]["grad_norm"]) > 0
     (baseline,) = [r for r in rows if r.get("eval/reward")]  # evaluated on both ranks, reduced once
     assert int(baseline["step"]) == 0 and 0 <= float(baseline["eval/pass@1"]) <= 1
+
+
+def test_a_chat_template_is_one_override_away(tmp_path):
+    cfg = _compose(tmp_path, "model=smollm2-135m-instruct", "model.chat_template=chatml")
+    assert ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)).chat_template == "chatml"

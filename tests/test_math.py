@@ -252,3 +252,22 @@ def test_gspo_with_lora_runs_on_the_math_task(tiny_ascii_dir, tmp_path):
     # From random weights hardly any completion earns a reward yet; what this checks is the path: chat prompts
     # through the template, generation, scoring against the answer column, logging.
     assert all(0.0 <= float(r["rewards/correctness_reward/mean"]) <= 1.0 for r in rows)
+
+
+def test_the_math_verify_extra_is_spelled_as_math_verify_declares_it():
+    """Extras are matched by their normalised name only by newer installers; older ones drop an extra spelled
+    otherwise, and with it the ANTLR runtime Hydra needs."""
+    import re
+    from importlib.metadata import metadata
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    declared = set(metadata("math-verify").get_all("Provides-Extra"))
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    specs = [
+        s for group in project["optional-dependencies"].values() for s in group if s.startswith("math-verify")
+    ]
+    assert len(specs) == 2
+    for spec in specs:
+        (extra,) = re.fullmatch(r"math-verify\[([^\]]+)\].*", spec).groups()
+        assert extra in declared, (spec, sorted(declared))

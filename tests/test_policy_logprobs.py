@@ -172,3 +172,39 @@ def test_tied_embedding_rows_added_straight_into_the_gradient(tiny_dir, monkeypa
         assert real(model.model, model.lm_head, ids) is None  # nothing to add without a backward
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     assert real(model.model, model.lm_head, ids) is None  # DDP/FSDP hooks need the ordinary path
+
+
+def _sliding_models():
+    """Tiny models whose cache is not a plain key/value cache on every layer: Gemma 3 (sliding-window layers
+    between global ones) and Qwen2 with its sliding window switched on."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    gemma = Gemma3TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    qwen = Qwen2Config(
+        **small, num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=0
+    )
+    return {"gemma3": Gemma3ForCausalLM(gemma), "qwen2-sliding": Qwen2ForCausalLM(qwen)}
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2-sliding"])
+def test_no_prompt_pass_for_a_model_whose_cache_cannot_be_shared(tiny_dir, monkeypatch, name):
+    monkeypatch.setattr(logprobs_lib, "SHARE_MIN_SAVED_POSITIONS", 1)  # sharing would pay, if it could work
+    ids, attn, cmask = _grouped_batch()
+    shareable = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)))
+    calls = {}
+    for key, model in (("plain", shareable), (name, _sliding_models()[name])):
+        model.eval()
+        calls[key] = []
+        model.model.register_forward_pre_hook(
+            lambda m, a, kw, log=calls[key]: log.append(1), with_kwargs=True
+        )
+        with torch.no_grad():
+            logps, _ = per_token_logps(model, inputs(ids, attn), cmask, 1.0, "fused")
+            whole, _ = per_token_logps(model, inputs(ids, attn), cmask, 1.0, "materialized")
+        torch.testing.assert_close(logps, whole, rtol=1e-5, atol=1e-5)
+    assert len(calls["plain"]) == 2 + 1  # prompts once, then the completions; then the materialised check
+    assert len(calls[name]) == 1 + 1  # the whole sequences at once: no prompt pass run and thrown away
