@@ -195,3 +195,34 @@ def test_fused_and_materialized_log_probs_train_alike(tiny_dir, tmp_path):
         torch.testing.assert_close(params["fused"][k], v, rtol=1e-4, atol=1e-6, msg=k)
         moved += not torch.equal(v, start[k])
     assert moved > 10  # the step did something, and did the same thing on both paths
+
+
+@pytest.mark.parametrize("impl", ["fused", "materialized"])
+def test_bfloat16_policy_gives_float32_logprobs_and_the_float32_loss_and_gradient(tiny_dir, impl):
+    """A bf16 policy on the CPU: log-probs and ratios are float32 (the numeric contract), and the loss and the
+    gradient agree with the float32 model's within bf16's rounding of the weights and activations."""
+    from lightning_gspo.models import ModelConfig, load_causal_lm
+
+    common = dict(logprobs_impl=impl, num_iterations=2, beta=0.04, importance_sampling_level="sequence",
+                  epsilon=0.2, epsilon_high=0.2)  # fmt: skip
+    full, _ = module_and_data(tiny_dir, **common)
+    half, _ = module_and_data(tiny_dir, **common)
+    half.policy = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), dtype="bfloat16")).train()
+    assert next(half.policy.parameters()).dtype == torch.bfloat16
+    r = fixed_rollout(full, 8)
+    logps, _ = half._logps(r, "old", entropy=False)
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps, full._logps(r, "old", entropy=False)[0], rtol=0.05, atol=0.05)
+    results = []
+    for m in (full, half):
+        m.policy.zero_grad()
+        loss, metrics = loss_of(m, r)
+        assert loss.dtype == torch.float32  # the ratio and the loss are computed in float32
+        loss.backward()
+        grad = torch.cat([p.grad.float().flatten() for p in m.policy.parameters() if p.grad is not None])
+        results.append((loss.detach().float(), grad))
+    (loss32, grad32), (loss16, grad16) = results
+    torch.testing.assert_close(loss16, loss32, rtol=0.02, atol=2e-3)
+    cosine = torch.nn.functional.cosine_similarity(grad16, grad32, dim=0)
+    assert grad32.abs().max() > 0 and cosine > 0.99, float(cosine)
+    assert (grad16.norm() / grad32.norm() - 1).abs() < 0.05
