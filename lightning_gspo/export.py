@@ -33,10 +33,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_gspo.adapters import is_peft_model, is_quantized
 from lightning_gspo.models import (
     ModelConfig,
-    is_peft_model,
-    is_quantized,
     load_causal_lm,
     load_preset,
     load_tokenizer,

@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_gspo.adapters import is_peft_model
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import EvalBatch, PromptBatch
@@ -40,7 +41,6 @@ from lightning_gspo.models import (
     disable_dropout,
     frozen_copy,
     has_active_dropout,
-    is_peft_model,
     load_causal_lm,
     load_tokenizer,
 )
