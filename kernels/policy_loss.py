@@ -50,7 +50,7 @@ CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 STEP_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 # What the Triton kernel computes, named here so that choosing a backend needs no triton import.
 TRITON_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-_TRITON_COVERS = f"loss_type in {TRITON_LOSS_TYPES} without token masks or entropy bonus"
+TRITON_COVERS = f"loss_type in {TRITON_LOSS_TYPES} without token masks or entropy bonus"
 # Loss types that sum per-token terms, so a sequence-level ratio weights each sequence by its length.
 _TOKEN_SUMMING = ("bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -248,7 +248,10 @@ def policy_loss(
         per_token_logps, old_per_token_logps, advantages, completion_mask, ref_per_token_logps, beta
     )
     _check_entropies(entropies, per_token_logps.shape, spec)
-    which = resolve_backend_covering(backend, per_token_logps.device, _triton_uncovered(spec), _TRITON_COVERS)
+    uncovered = triton_uncovered(
+        spec.loss_type, spec.top_entropy_quantile, spec.off_policy_mask_threshold, spec.entropy_coef
+    )
+    which = resolve_backend_covering(backend, per_token_logps.device, uncovered, TRITON_COVERS)
     _warn_about_level(spec)
     mask = completion_mask.bool()
     if old_per_token_logps is None:
@@ -276,17 +279,22 @@ def _step_normaliser(spec: LossSpec, num_items_in_batch, mask, device) -> torch.
     return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=device)
 
 
-def _triton_uncovered(spec: LossSpec) -> dict[str, object]:
-    """The settings the Triton kernel does not compute, by field name (empty when it covers the call)."""
+def triton_uncovered(
+    loss_type: str,
+    top_entropy_quantile: float = 1.0,
+    off_policy_mask_threshold: float | None = None,
+    entropy_coef: float | None = None,
+) -> dict[str, object]:
+    """The settings the Triton kernel does not compute, by field name (empty when it covers them)."""
     fields = {}
-    if spec.loss_type not in TRITON_LOSS_TYPES:
-        fields["loss_type"] = spec.loss_type
-    if spec.top_entropy_quantile < 1:
-        fields["top_entropy_quantile"] = spec.top_entropy_quantile
-    if spec.off_policy_mask_threshold is not None:
-        fields["off_policy_mask_threshold"] = spec.off_policy_mask_threshold
-    if spec.entropy_coef is not None:
-        fields["entropy_coef"] = spec.entropy_coef
+    if loss_type not in TRITON_LOSS_TYPES:
+        fields["loss_type"] = loss_type
+    if top_entropy_quantile < 1:
+        fields["top_entropy_quantile"] = top_entropy_quantile
+    if off_policy_mask_threshold is not None:
+        fields["off_policy_mask_threshold"] = off_policy_mask_threshold
+    if entropy_coef is not None:
+        fields["entropy_coef"] = entropy_coef
     return fields
 
 

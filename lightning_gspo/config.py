@@ -19,7 +19,14 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lightning_gspo.kernels.policy_loss import BACKENDS, CLIPPED_LOSS_TYPES, LEVELS, LOSS_TYPES
+from lightning_gspo.kernels.policy_loss import (
+    BACKENDS,
+    CLIPPED_LOSS_TYPES,
+    LEVELS,
+    LOSS_TYPES,
+    TRITON_COVERS,
+    triton_uncovered,
+)
 from lightning_gspo.trl_compat import carry_over
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -334,6 +341,13 @@ def _validate_loss(cfg: GSPOConfig) -> None:
             "entropy, kept in the policy loss (1.0 keeps all)."
         )
     _validate_adaptive_entropy(cfg)
+    bonus = cfg.entropy_coef if cfg.entropy_bonus_enabled else None
+    uncovered = triton_uncovered(
+        cfg.loss_type, cfg.top_entropy_quantile, cfg.off_policy_mask_threshold, bonus
+    )
+    if cfg.backend == "triton" and uncovered:
+        named = ", ".join(f"{k}={v!r}" for k, v in uncovered.items())
+        raise ValueError(f"backend='triton' does not cover {named}: it computes {TRITON_COVERS}; use 'auto'.")
 
 
 def _validate_adaptive_entropy(cfg: GSPOConfig) -> None:

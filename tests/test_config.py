@@ -176,6 +176,10 @@ def test_scale_rewards_bool_is_trl_compatible():
         (dict(entropy_coef_delta=-0.01), "entropy_coef_delta"),
         (dict(sapo_temperature_pos=0.0), "sapo_temperature_pos"),
         (dict(sapo_temperature_neg=-1.0), "sapo_temperature_neg"),
+        (dict(backend="triton", loss_type="sapo"), "loss_type='sapo'"),
+        (dict(backend="triton", top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
+        (dict(backend="triton", off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
+        (dict(backend="triton", use_adaptive_entropy=True), "entropy_coef=0.0"),
     ],
 )
 def test_validation_names_the_field(bad, field):
