@@ -1,7 +1,9 @@
 """Where a kernel runs and in which precision it computes: the choices both kernel families share.
 
 - Backend: ``"auto"`` takes Triton on CUDA and PyTorch elsewhere; an explicit ``"triton"`` is refused, with the
-  reason, where Triton cannot run (no triton, or CPU tensors without the interpreter).
+  reason, where Triton cannot run (no triton, or CPU tensors without the interpreter). Settings a Triton kernel
+  does not compute send ``"auto"`` to PyTorch, with one warning per set of settings, and are refused, by name,
+  under ``"triton"``.
 - Precision: arithmetic is float32 whatever the input dtype, and float64 stays float64 so that
   ``torch.autograd.gradcheck`` can check the autograd Functions.
 - Matmuls of 16-bit operands write float32 without rounding the product to 16 bits first: on CUDA through
@@ -12,10 +14,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+_warned_fallbacks: set[str] = set()
 
 
 def triton_available(device: torch.device) -> tuple[bool, str]:
@@ -44,6 +48,30 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not ok:
             raise ValueError(f"backend='triton' cannot run: {why}. Use backend='torch' or 'auto'.")
     return backend
+
+
+def resolve_backend_covering(backend: str, device: torch.device, uncovered: dict, covered: str) -> str:
+    """``resolve_backend``, then PyTorch where Triton would run but its kernel does not compute the settings in
+    ``uncovered`` (field name -> value; ``covered`` says what the kernel does compute)."""
+    which = resolve_backend(backend, device)
+    if which != "triton" or not uncovered:
+        return which
+    named = ", ".join(f"{k}={v!r}" for k, v in uncovered.items())
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' does not cover {named}: the Triton kernel computes {covered}. Use backend='torch' "
+            "or 'auto'."
+        )
+    key = ",".join(uncovered)
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
+        # Frames: here, the kernel's entry point, and its caller (named).
+        warnings.warn(
+            f"backend='auto' computes this with PyTorch: the Triton kernel does not cover {named}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return "torch"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 from lightning_gspo.kernels.backend_and_precision import compute_dtype
-from lightning_gspo.kernels.policy_loss import LossSpec, finish_metrics
+from lightning_gspo.kernels.policy_loss import LossSpec
+from lightning_gspo.kernels.policy_loss_metrics import finish_metrics
 
 # The importance-sampling level a kernel is specialised for. Globals a @triton.jit function reads must be
 # tl.constexpr; the launcher passes their .value.

@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lightning_gspo.kernels.policy_loss import BACKENDS, LEVELS, LOSS_TYPES
+from lightning_gspo.kernels.policy_loss import (
+    BACKENDS,
+    CLIPPED_LOSS_TYPES,
+    LEVELS,
+    LOSS_TYPES,
+    TRITON_COVERS,
+    triton_uncovered,
+)
+from lightning_gspo.trl_compat import carry_over
 
 SCALE_REWARDS = ("group", "batch", "none")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
@@ -36,7 +44,11 @@ class GSPOConfig:
     """'token' (GRPO: one ratio per token), 'sequence' (GSPO: one length-normalised ratio per sequence) or
     'sequence_token' (GSPO-token: the sequence ratio's value with per-token gradients)."""
     loss_type: str = "dapo"
-    """How per-token losses are averaged: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's semantics)."""
+    """The objective and how per-token losses are averaged, as TRL defines them: 'grpo', 'bnpo', 'dr_grpo',
+    'dapo' (the clipped surrogate under four normalisations), 'luspo' (clipped, each sequence weighted by its
+    length; meant for the sequence level), 'cispo' (MiniMax-M1: the ratio clipped at epsilon_high and detached,
+    times log p; ScaleRL uses epsilon_high=5.0), 'sapo' (a soft sigmoid gate instead of the clip) or 'vespo'
+    (a smooth gamma weight of each sequence's ratio; meant for the token level)."""
     epsilon: float = 0.2
     """Lower clip width: ratios below 1 - epsilon stop pulling down. GSPO uses 3e-4."""
     epsilon_high: float | None = None
@@ -47,6 +59,41 @@ class GSPOConfig:
     """KL coefficient towards the reference model (k3 estimator). 0 loads no reference model."""
     use_bias_correction_kl: bool = True
     """Multiply the per-token KL by the importance ratio, as TRL does by default."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature where the advantage is not positive; above sapo_temperature_pos, so those
+    off-policy tokens, whose updates spread over many unsampled tokens, are damped faster (the paper's 1.05)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature where the advantage is positive."""
+    vespo_k_pos: float = 2.0
+    """VESPO's power exponent k for A >= 0: how strongly sequences whose ratio is below 1 are down-weighted."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO's decay lambda for A >= 0: how strongly sequences whose ratio is above 1 are down-weighted."""
+    vespo_k_neg: float = 3.0
+    """VESPO's power exponent k for A < 0."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO's decay lambda for A < 0."""
+    top_entropy_quantile: float = 1.0
+    """Keep in the policy loss only this share of completion tokens, those of highest entropy ("Beyond the 80/20
+    rule" recommends 0.2); 1.0 keeps all, 0.0 only the highest. The KL term keeps every token."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus: the loss subtracts this times the mean entropy of the tokens the policy loss
+    acts on, whatever the loss type. With use_adaptive_entropy, the starting value."""
+    use_adaptive_entropy: bool = False
+    """Skywork-OR1's adaptive control: after each optimizer step entropy_coef moves by entropy_coef_delta, up when
+    that step's mean entropy is at or below entropy_target, down otherwise, within [entropy_coef_min,
+    entropy_coef_max]; the bonus applies only while the last measured entropy is at or below the target."""
+    entropy_coef_min: float = 0.0
+    """Lower bound of the adaptive entropy coefficient."""
+    entropy_coef_max: float = 1.0
+    """Upper bound of the adaptive entropy coefficient."""
+    entropy_coef_delta: float = 0.005
+    """Step of the adaptive entropy coefficient per optimizer step."""
+    entropy_target: float = 0.2
+    """Mean per-token entropy (nats) the adaptive control holds the policy above; set it near the entropy
+    logged early in training (language models start at 2-10 nats, so 0.2 acts only on near collapse)."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2's off-policy sequence mask: leave out of the policy loss each sequence with a negative
+    advantage whose mean (old - current) log-prob exceeds this (e.g. 0.5). None disables it."""
     backend: str = "auto"
     """Policy-loss implementation: 'auto' (Triton on CUDA, PyTorch on CPU), 'torch' or 'triton'."""
     logprobs_impl: str = "fused"
@@ -156,6 +203,11 @@ class GSPOConfig:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     @property
+    def entropy_bonus_enabled(self) -> bool:
+        """Whether the loss carries an entropy bonus (adaptive control keeps it on even at a zero coefficient)."""
+        return self.entropy_coef != 0 or self.use_adaptive_entropy
+
+    @property
     def is_off_policy(self) -> bool:
         """Whether the ratio can differ from 1: several passes, or several optimizer steps per generation."""
         return self.num_iterations > 1 or self.steps_per_generation_for(1) > self.gradient_accumulation_steps
@@ -227,73 +279,14 @@ class GSPOConfig:
         Fields of ours take TRL's values (``epsilon`` maps to ``epsilon``; TRL's ``epsilon_low`` is the same
         thing). TRL fields we do not implement are listed in one warning when they differ from TRL's default.
         """
-        values = grpo_config if isinstance(grpo_config, dict) else grpo_config.to_dict()
-        ours = {f.name: f for f in fields(cls)}
-        taken, skipped = {}, []
-        trl_defaults = _trl_defaults(grpo_config)
-        for key, value in values.items():
-            if key in ours:
-                if key == "generation_batch_size" and values.get("steps_per_generation") is not None:
-                    continue  # TRL fills both in after resolving one; steps_per_generation says it all
-                taken[key] = value
-            elif key not in _TRAINING_ARGS_WE_HANDLE_ELSEWHERE and trl_defaults.get(key, MISSING) != value:
-                skipped.append(f"{key}={value!r}")
+        taken, skipped = carry_over(grpo_config, {f.name for f in fields(cls)})
         if skipped:
             warnings.warn(
-                "GRPOConfig fields lightning-gspo does not implement were skipped: "
-                + ", ".join(sorted(skipped)),
+                "GRPOConfig fields lightning-gspo does not implement were skipped: " + ", ".join(skipped),
                 UserWarning,
                 stacklevel=2,
             )
         return cls(**taken)
-
-
-# TrainingArguments fields that Lightning's Trainer and loggers own (precision, output_dir, ...): the Trainer
-# config sets them, so they are neither copied nor reported as skipped.
-_TRAINING_ARGS_WE_HANDLE_ELSEWHERE = {
-    "output_dir",
-    "bf16",
-    "fp16",
-    "tf32",
-    "report_to",
-    "logging_dir",
-    "save_steps",
-    "save_strategy",
-    "save_total_limit",
-    "run_name",
-    "push_to_hub",
-    "hub_model_id",
-    "gradient_checkpointing",
-    "local_rank",
-    "logging_strategy",
-    "logging_first_step",
-    "dataloader_num_workers",
-    "overwrite_output_dir",
-    "do_train",
-    "data_seed",
-    "use_cpu",
-    "ddp_backend",
-    "eval_strategy",
-    "do_eval",
-    "per_device_eval_batch_size",
-}
-
-
-def _trl_defaults(grpo_config: Any) -> dict[str, Any]:
-    """The values a default-constructed config of the same class has, after its own __post_init__."""
-    if isinstance(grpo_config, dict):
-        return {}
-    try:
-        same_machine = {k: getattr(grpo_config, k) for k in ("output_dir", "use_cpu", "bf16", "fp16")}
-        return type(grpo_config)(**same_machine).to_dict()
-    except Exception:  # a config class that cannot be built bare: fall back to the declared defaults
-        declared = {}
-        for f in fields(type(grpo_config)):
-            if f.default is not MISSING:
-                declared[f.name] = f.default
-            elif f.default_factory is not MISSING:
-                declared[f.name] = f.default_factory()
-        return declared
 
 
 # The rules, each raising a message that names the field and what would be accepted.
@@ -334,9 +327,36 @@ def _validate_loss(cfg: GSPOConfig) -> None:
     _at_least("epsilon", cfg.epsilon, 0.0)
     if cfg.epsilon_high is not None:
         _at_least("epsilon_high", cfg.epsilon_high, 0.0)
-    if cfg.delta is not None and cfg.delta <= 1 + cfg.epsilon_hi:
+    # delta caps the clipped surrogate's ratio; cispo, sapo and vespo never read it.
+    clipped = cfg.loss_type in CLIPPED_LOSS_TYPES
+    if clipped and cfg.delta is not None and cfg.delta <= 1 + cfg.epsilon_hi:
         raise ValueError(f"delta={cfg.delta} must be greater than 1 + epsilon_high = {1 + cfg.epsilon_hi}.")
     _at_least("beta", cfg.beta, 0.0)
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be > 0 (SAPO's gate divides by it).")
+    if not 0 <= cfg.top_entropy_quantile <= 1:
+        raise ValueError(
+            f"top_entropy_quantile={cfg.top_entropy_quantile} must be in [0, 1]: the share of tokens, by "
+            "entropy, kept in the policy loss (1.0 keeps all)."
+        )
+    _validate_adaptive_entropy(cfg)
+    bonus = cfg.entropy_coef if cfg.entropy_bonus_enabled else None
+    uncovered = triton_uncovered(
+        cfg.loss_type, cfg.top_entropy_quantile, cfg.off_policy_mask_threshold, bonus
+    )
+    if cfg.backend == "triton" and uncovered:
+        named = ", ".join(f"{k}={v!r}" for k, v in uncovered.items())
+        raise ValueError(f"backend='triton' does not cover {named}: it computes {TRITON_COVERS}; use 'auto'.")
+
+
+def _validate_adaptive_entropy(cfg: GSPOConfig) -> None:
+    if cfg.entropy_coef_min > cfg.entropy_coef_max:
+        raise ValueError(
+            f"entropy_coef_min={cfg.entropy_coef_min} is above entropy_coef_max={cfg.entropy_coef_max}: the "
+            "adaptive entropy coefficient moves within [entropy_coef_min, entropy_coef_max]."
+        )
+    _at_least("entropy_coef_delta", cfg.entropy_coef_delta, 0.0)
 
 
 def _validate_batches(cfg: GSPOConfig) -> None:

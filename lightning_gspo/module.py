@@ -16,7 +16,10 @@ computes the loss (``loss.micro_batch_loss``) and accumulates gradients, steppin
   Otherwise (more micro-batches per generation than per optimizer step, or dropout) the separate pass runs.
 - The reference model exists only when ``beta > 0``, and never enters the checkpoint or the optimizer.
 - With ``beta = 0`` zero-advantage completions skip the forward and backward (``loss.py`` says how the loss
-  stays the micro-batch's); a micro-batch with nothing left is skipped on one process.
+  stays the micro-batch's, and when the entropy keeps every row); a micro-batch with nothing left is skipped on
+  one process.
+- An entropy bonus's coefficient lives in ``RunState`` (``entropy_control.py``): fixed, or adapted after each
+  optimizer step from that step's entropy, and logged as ``entropy_coef``.
 - Checkpoints carry the run's settings (``hyper_parameters``: model, reward functions, algorithm) and its
   ``RunState``, so a resumed run continues exactly as an uninterrupted one and export needs no other file.
 """
@@ -34,6 +37,7 @@ from lightning_gspo.adapters import is_peft_model
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import EvalBatch, PromptBatch
+from lightning_gspo.entropy_control import EntropyControl
 from lightning_gspo.evaluation import Evaluator
 from lightning_gspo.loss import micro_batch_loss, scored_rows
 from lightning_gspo.models import (
@@ -102,7 +106,7 @@ class GSPOModule(L.LightningModule):
         self.engine = engine or HFGenerate(self.tokenizer, cfg, self.eos)
         self.evaluator = Evaluator(self.tokenizer, cfg, self.eos, self.reward_funcs, self.reward_names)
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
-        self.state = RunState()
+        self.state = RunState(entropy=EntropyControl.from_config(cfg))
         self.save_hyperparameters(_run_settings(self.model_config, reward_funcs, cfg))
 
     # ---- Lightning hooks ----
@@ -247,6 +251,9 @@ class GSPOModule(L.LightningModule):
     def _logps(self, r: Rollout, which: str, entropy: bool):
         self.forward_counts[which] += 1
         args = (r.model_inputs(), r.completion_mask, self.config.temperature, self.logprobs_impl, entropy)
+        control = self.state.entropy
+        bonus = which == "policy" and control is not None and control.applied() != 0
+        args = (*args, bonus)  # the entropy bonus differentiates the entropy; nothing else does
         if which == "ref":
             with torch.no_grad():
                 if self.ref_model is None:  # PEFT: the base network with adapters off
@@ -259,7 +266,7 @@ class GSPOModule(L.LightningModule):
     # ---- the loss and the optimizer ----
     def _micro_loss(self, r: Rollout, record_old: bool = False) -> torch.Tensor:
         world = self.trainer.world_size
-        rows = scored_rows(r, self.config.beta, self.config.loss_type)
+        rows = scored_rows(r, self.config)
         if rows[1] == 0 and world == 1:  # nothing to learn, and no other rank to line up with
             return torch.zeros((), device=self.device)
         loss, metrics = micro_batch_loss(
@@ -270,6 +277,7 @@ class GSPOModule(L.LightningModule):
             steps_per_generation=self.spg,
             record_old=record_old,
             rows=rows,
+            entropy_control=self.state.entropy,
         )
         self.manual_backward(loss)
         self.state.window.add(reduce_mean(metrics, self.trainer.strategy))
@@ -284,6 +292,9 @@ class GSPOModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
         self.state.window.add({"grad_norm": grad_norm, "learning_rate": sched.get_last_lr()[0]})
+        if (control := self.state.entropy) is not None:  # adaptive control updates for the next step
+            control.step()
+            self.state.window.add({"entropy_coef": control.coef})
 
     def _total_optimizer_steps(self) -> int:
         if self.trainer.max_steps and self.trainer.max_steps > 0:

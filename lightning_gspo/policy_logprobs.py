@@ -60,11 +60,13 @@ def per_token_logps(
     temperature: float,
     impl: str = "fused",
     compute_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False.
 
     ``inputs`` holds the whole sequences (prompt then completion) as ``input_ids`` and ``attention_mask``; any
-    other entry is passed to the model's forward as it is."""
+    other entry is passed to the model's forward as it is. The entropies carry a gradient only with
+    ``entropy_grad`` (an entropy bonus): otherwise the backward never pays for them."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     c = completion_mask.shape[1]
@@ -73,7 +75,8 @@ def per_token_logps(
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if impl == "fused":
         hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra)
-        return _fused_logps(hidden, head, input_ids[:, -c:], completion_mask, temperature, compute_entropy)
+        entropy = (compute_entropy or entropy_grad, entropy_grad)
+        return _fused_logps(hidden, head, input_ids[:, -c:], completion_mask, temperature, *entropy)
     out = model(
         input_ids=input_ids[:, :-1],
         attention_mask=attention_mask[:, :-1],
@@ -82,9 +85,8 @@ def per_token_logps(
         use_cache=False,
         **extra,
     )
-    return _materialized_logps(
-        out.logits[:, -c:], input_ids[:, -c:], completion_mask, temperature, compute_entropy
-    )
+    entropy = (compute_entropy or entropy_grad, entropy_grad)
+    return _materialized_logps(out.logits[:, -c:], input_ids[:, -c:], completion_mask, temperature, *entropy)
 
 
 def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, extra: dict):
@@ -108,7 +110,9 @@ def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, e
     return hidden, head
 
 
-def _fused_logps(hidden, head, targets, completion_mask, temperature: float, compute_entropy: bool):
+def _fused_logps(
+    hidden, head, targets, completion_mask, temperature: float, compute_entropy: bool, entropy_grad: bool
+):
     out = selective_logprobs(
         hidden[completion_mask],
         head.weight,
@@ -123,17 +127,20 @@ def _fused_logps(hidden, head, targets, completion_mask, temperature: float, com
     )
     entropy = None
     if compute_entropy:
-        entropy = torch.zeros_like(logps).masked_scatter(completion_mask, ent_sel.detach())
+        ent_sel = ent_sel if entropy_grad else ent_sel.detach()
+        entropy = torch.zeros_like(logps).masked_scatter(completion_mask, ent_sel)
     return logps, entropy
 
 
-def _materialized_logps(logits, targets, completion_mask, temperature: float, compute_entropy: bool):
+def _materialized_logps(
+    logits, targets, completion_mask, temperature: float, compute_entropy: bool, entropy_grad: bool
+):
     logp_all = (logits.float() / temperature).log_softmax(-1)  # (B, C, V)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
     entropy = None
     if compute_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             entropy = torch.where(completion_mask, entropy, torch.zeros_like(entropy))
     return logps, entropy

@@ -1,5 +1,5 @@
 """What a training run carries from one Lightning step to the next, and across a resume, beyond the weights and
-the optimizer: the rollout in flight, the accumulation position, the metric window and the RNG.
+the optimizer: the rollout in flight, the accumulation position, the metric window, the entropy bonus's coefficient and the RNG.
 
 A resumed run must continue exactly as the uninterrupted one: the same prompts (the data module's position),
 the same micro-batches of the same rollout (which is saved whole, with its old and reference log-probs), the
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lightning_gspo.entropy_control import EntropyControl
 from lightning_gspo.reporting import MetricWindow
 from lightning_gspo.rollout import Rollout
 
@@ -35,6 +36,8 @@ class RunState:
     """The generation batch in use."""
     pending_rng: tuple[torch.Tensor, Any] | None = None
     """(CPU, CUDA) generator states to apply at the next training step."""
+    entropy: EntropyControl | None = None
+    """The entropy bonus's coefficient (adaptive control's state); None without a bonus."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class RunState:
             else {**{k: v.cpu() for k, v in self.rollout.tensors().items()}, "texts": self.rollout.texts},
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "entropy": None if self.entropy is None else self.entropy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -61,6 +65,8 @@ class RunState:
             texts = saved.pop("texts")
             self.rollout = Rollout(**saved, texts=texts)
         self.pending_rng = (state["rng"], state["cuda_rng"])
+        if self.entropy is not None and state.get("entropy") is not None:
+            self.entropy.load_state_dict(state["entropy"])
 
     def apply_pending_rng(self) -> None:
         if self.pending_rng is None:

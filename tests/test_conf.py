@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
-from test_config import UNSLOTH
+from test_config import OBJECTIVE, UNSLOTH
 
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.models import ModelConfig
@@ -88,8 +88,17 @@ def test_presets_select_the_algorithm(tmp_path):
     assert algo("grpo").importance_sampling_level == "token" and algo("grpo").loss_type == "grpo"
     assert algo("dr_grpo").loss_type == "dr_grpo" and algo("dr_grpo").scale_rewards == "none"
     assert algo("dapo").epsilon_high == 0.28 and algo("dapo").mask_truncated_completions
+    assert algo("cispo").loss_type == "cispo" and algo("cispo").epsilon_high == 5.0
+    assert algo("sapo").loss_type == "sapo" and algo("sapo").sapo_temperature_neg == 1.05
     for name in ("gspo", "grpo"):
         assert algo(name).num_iterations >= 2  # the demo is off-policy, where the two differ
+
+
+def test_base_carries_trl_defaults_for_the_objective_fields():
+    base = OmegaConf.to_container(OmegaConf.load(CONF.joinpath("algorithm", "base.yaml")))
+    defaults = GSPOConfig()
+    for key in set(OBJECTIVE) - {"loss_type"}:
+        assert base[key] == getattr(defaults, key), key
 
 
 def test_unsloth_experiment_reaches_the_module_unchanged(tmp_path):

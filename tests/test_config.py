@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -58,6 +59,74 @@ def test_from_trl_carries_every_shared_field_and_reports_the_rest():
     assert "output_dir" not in skipped[0] and "activation_checkpointing" not in skipped[0]
 
 
+# TRL 1.16's objective fields beyond the clipped GRPO loss, each set away from TRL's default.
+OBJECTIVE = dict(
+    loss_type="vespo",
+    sapo_temperature_neg=1.3,
+    sapo_temperature_pos=0.9,
+    vespo_k_pos=1.5,
+    vespo_lambda_pos=2.5,
+    vespo_k_neg=2.5,
+    vespo_lambda_neg=1.5,
+    top_entropy_quantile=0.2,
+    entropy_coef=0.01,
+    use_adaptive_entropy=True,
+    entropy_coef_min=0.001,
+    entropy_coef_max=0.05,
+    entropy_coef_delta=0.002,
+    entropy_target=1.5,
+    off_policy_mask_threshold=0.5,
+)
+
+
+def test_from_trl_carries_the_objective_fields():
+    trl = pytest.importorskip("trl")
+    args = trl.GRPOConfig(output_dir="/tmp/lgspo-trl", use_cpu=True, **OBJECTIVE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = GSPOConfig.from_trl(args)
+    for key, value in OBJECTIVE.items():
+        assert getattr(cfg, key) == value, key
+    assert not [w for w in caught if "does not implement" in str(w.message)]
+
+
+def test_objective_fields_have_trl_defaults():
+    trl = pytest.importorskip("trl")
+    theirs, ours = trl.GRPOConfig(output_dir="/tmp/lgspo-trl", use_cpu=True), GSPOConfig()
+    for key in OBJECTIVE:
+        assert getattr(ours, key) == getattr(theirs, key), key
+
+
+def test_loss_types_are_trl_loss_types():
+    trl = pytest.importorskip("trl")
+    from lightning_gspo.kernels.policy_loss import LOSS_TYPES
+
+    help_text = trl.GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    supported = re.search(r"Supported values are (.*?)\. ", help_text).group(1)
+    assert set(re.findall(r"'(\w+)'", supported)) == set(LOSS_TYPES)
+
+
+def test_entropy_bonus_is_on_with_a_coefficient_or_adaptive_control():
+    assert not GSPOConfig().entropy_bonus_enabled
+    assert GSPOConfig(entropy_coef=0.01).entropy_bonus_enabled
+    assert GSPOConfig(use_adaptive_entropy=True).entropy_bonus_enabled  # even at coefficient 0
+
+
+def test_every_loss_type_and_level_is_accepted():
+    # TRL 1.16 computes every combination (warning where a loss type expects another level); so do we.
+    from lightning_gspo.kernels.policy_loss import LEVELS, LOSS_TYPES
+
+    for level in LEVELS:
+        for loss_type in LOSS_TYPES:
+            GSPOConfig(importance_sampling_level=level, loss_type=loss_type)
+
+
+def test_delta_is_checked_only_for_the_clipped_loss_types():
+    GSPOConfig(loss_type="cispo", epsilon_high=5.0, delta=2.0)  # cispo never reads delta
+    with pytest.raises(ValueError, match="delta"):
+        GSPOConfig(loss_type="luspo", epsilon_high=5.0, delta=2.0)
+
+
 def test_unknown_key_suggests_the_field():
     with pytest.raises(ValueError, match=r"'epsilon_hgh' \(did you mean 'epsilon_high'\?\)"):
         GSPOConfig.from_dict({"epsilon_hgh": 0.28})
@@ -100,6 +169,17 @@ def test_scale_rewards_bool_is_trl_compatible():
         (dict(reward_weights=[]), "reward_weights"),
         (dict(backend="cuda"), "backend"),
         (dict(logprobs_impl="dense"), "logprobs_impl"),
+        (dict(loss_type="cispo_"), "loss_type"),
+        (dict(top_entropy_quantile=-0.1), "top_entropy_quantile"),
+        (dict(top_entropy_quantile=1.2), "top_entropy_quantile"),
+        (dict(entropy_coef_min=0.5, entropy_coef_max=0.1), "entropy_coef_min"),
+        (dict(entropy_coef_delta=-0.01), "entropy_coef_delta"),
+        (dict(sapo_temperature_pos=0.0), "sapo_temperature_pos"),
+        (dict(sapo_temperature_neg=-1.0), "sapo_temperature_neg"),
+        (dict(backend="triton", loss_type="sapo"), "loss_type='sapo'"),
+        (dict(backend="triton", top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
+        (dict(backend="triton", off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
+        (dict(backend="triton", use_adaptive_entropy=True), "entropy_coef=0.0"),
     ],
 )
 def test_validation_names_the_field(bad, field):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import algo, loss_of, module_and_data
 
+from lightning_gspo.loss import scored_rows
 from lightning_gspo.module import GSPOModule
 from lightning_gspo.rollout import Rollout
 
@@ -41,7 +42,8 @@ def _grad_over_micro_batches(module: GSPOModule, r: Rollout, world_size: int = 1
     return torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_accumulated_gradient_equals_full_batch_gradient(tiny_dir, loss_type, level):
     common = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, num_iterations=2)
@@ -77,12 +79,22 @@ def _ddp_worker(rank, world, port, tiny_dir, overrides, rollout_path, out_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_ddp_gradient_equals_single_process(tiny_dir, tmp_path, loss_type):
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("dapo", {"top_entropy_quantile": 0.5})],
+    ids=["grpo", "bnpo", "dr_grpo", "dapo", "dapo-top-entropy"],
+)
+def test_ddp_gradient_equals_single_process(tiny_dir, tmp_path, loss_type, extra):
+    # With top_entropy_quantile the threshold is the quantile over both ranks' tokens, as in one process.
     overrides = dict(loss_type=loss_type, importance_sampling_level="sequence", num_iterations=2,
-                     per_device_train_batch_size=8, gradient_accumulation_steps=1)  # fmt: skip
+                     per_device_train_batch_size=8, gradient_accumulation_steps=1, **extra)  # fmt: skip
     single, _ = module_and_data(tiny_dir, **{**overrides, "per_device_train_batch_size": 16})
     r = fixed_rollout(single, 16)
+    if extra:  # rank 0 gets the lower-entropy rows, so neither rank's own quantile is the pooled one
+        with torch.no_grad():
+            _, entropy = single._logps(r, "policy", entropy=True)
+        m = r.completion_mask
+        r = r.rows(((entropy * m).sum(1) / m.sum(1)).argsort())
     r.advantages[[1, 2, 9, 12, 13, 14]] = 0.0  # rows each rank leaves out (beta = 0)
     if loss_type == "bnpo":
         # bnpo normalises by each rank's own token count (TRL's definition), so ranks agree with one process
@@ -91,7 +103,7 @@ def test_ddp_gradient_equals_single_process(tiny_dir, tmp_path, loss_type):
         r.num_items = r.completion_mask.sum().float()
     expected = _grad_over_micro_batches(single, r)
     torch.save(r, tmp_path / "rollout.pt")
-    port = 29500 + (hash(loss_type) % 400)
+    port = 29500 + (hash((loss_type, *extra)) % 400)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tiny_dir), overrides, tmp_path / "rollout.pt",
                                                    tmp_path / "grad.pt"), nprocs=2)  # fmt: skip
     torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), expected, rtol=1e-4, atol=1e-6)
@@ -107,13 +119,15 @@ def test_zero_advantage_micro_batch_is_skipped_at_beta_zero(tiny_dir):
     assert all(g.abs().max() == 0 for g in grads)  # nothing to learn: what the training step skips
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
 @pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
 def test_zero_advantage_rows_are_left_out_with_the_same_gradient_and_metrics(
     tiny_dir, monkeypatch, loss_type, level
 ):
+    eps_high = 0.85 if loss_type == "cispo" else 0.1  # cispo clips the ratio itself at epsilon_high
     module, _ = module_and_data(tiny_dir, loss_type=loss_type, importance_sampling_level=level,
-                                epsilon=0.1, epsilon_high=0.1)  # fmt: skip
+                                epsilon=0.1, epsilon_high=eps_high)  # fmt: skip
     r = fixed_rollout(module, 8)
     r.advantages[[1, 2, 5]] = 0.0  # rows 1 (and others) carry tokens: they count in bnpo's normaliser
     r.num_items = r.completion_mask.sum().float()
@@ -135,9 +149,12 @@ def test_zero_advantage_rows_are_left_out_with_the_same_gradient_and_metrics(
     assert grad_all.abs().max() > 0
     torch.testing.assert_close(grad_kept, grad_all, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(loss_kept, loss_all, rtol=1e-5, atol=1e-7)
-    assert metrics_all["clip_ratio/region_mean"] > 0  # the metrics below are not trivially zero
+    clipped = {"cispo": "cispo_clip_ratio", "sapo": None, "vespo": None}.get(
+        loss_type, "clip_ratio/region_mean"
+    )
+    assert clipped is None or metrics_all[clipped] > 0  # the metrics below are not trivially zero
     for key, value in metrics_all.items():
-        if key != "entropy":  # the scored rows' entropy, by design
+        if key not in ("entropy", "vespo/phi_seq_mean"):  # the scored rows', by design
             assert math.isclose(metrics_kept[key], value, rel_tol=1e-5, abs_tol=1e-7) or (
                 math.isnan(value) and math.isnan(metrics_kept[key])
             ), (key, metrics_kept[key], value)
@@ -155,6 +172,40 @@ def test_left_out_rows_count_as_unclipped_in_the_min_and_max(tiny_dir, level):
     assert full["clip_ratio/low_min"] == 0 and kept["clip_ratio/low_min"] == 0
     assert full["clip_ratio/low_mean"] > 0.5
     assert math.isclose(kept["clip_ratio/low_mean"], full["clip_ratio/low_mean"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(entropy_coef=0.01), dict(use_adaptive_entropy=True), dict(top_entropy_quantile=0.5)]
+)
+def test_every_row_is_computed_when_the_entropy_matters(tiny_dir, overrides):
+    # The bonus trains zero-advantage rows too, and the quantile is taken over the whole micro-batch's tokens.
+    module, _ = module_and_data(tiny_dir, **overrides)
+    r = fixed_rollout(module, 8)
+    r.advantages[[1, 2]] = 0.0
+    assert scored_rows(r, module.config) == ALL_ROWS
+    assert scored_rows(r, module_and_data(tiny_dir)[0].config)[0].tolist() == [0, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+def test_entropy_bonus_trains_through_either_log_prob_path(tiny_dir, quantile):
+    """The bonus's gradient reaches the weights alike through the fused kernel's entropy and the materialised
+    logits', and it changes the step."""
+    grads = {}
+    for impl, coef in (("materialized", 0.5), ("fused", 0.5), ("fused", 0.0)):
+        module, _ = module_and_data(
+            tiny_dir, logprobs_impl=impl, num_iterations=2, temperature=0.7, entropy_coef=coef,
+            top_entropy_quantile=quantile,
+        )  # fmt: skip
+        r = fixed_rollout(module, 8)
+        module.policy.zero_grad()
+        loss, metrics = loss_of(module, r)
+        loss.backward()
+        grads[impl, coef] = torch.cat(
+            [p.grad.flatten() for p in module.policy.parameters() if p.grad is not None]
+        )
+        assert ("policy_loss" in metrics) == (coef != 0)
+    torch.testing.assert_close(grads["fused", 0.5], grads["materialized", 0.5], rtol=1e-4, atol=1e-6)
+    assert (grads["fused", 0.5] - grads["fused", 0.0]).abs().max() > 1e-4
 
 
 def test_all_zero_micro_batch_under_ddp_runs_one_row_with_zero_loss(tiny_dir, monkeypatch):

@@ -43,6 +43,33 @@ def test_each_algorithm_trains_and_logs(tiny_dir, tmp_path, preset):
     assert (module.ref_model is not None) == (preset == "grpo")
 
 
+# TRL 1.16's other objectives and options, each with the metrics TRL logs for it.
+OBJECTIVES = {
+    "cispo": (dict(loss_type="cispo", epsilon_high=5.0), {"cispo_clip_ratio"}),
+    "sapo": (dict(loss_type="sapo"), set()),
+    "luspo": (dict(loss_type="luspo", importance_sampling_level="sequence"), {"clip_ratio/region_mean"}),
+    "vespo": (dict(loss_type="vespo"), {"vespo/phi_seq_mean"}),
+    "masks": (dict(top_entropy_quantile=0.2, off_policy_mask_threshold=0.0), {"clip_ratio/region_mean"}),
+    "adaptive-entropy": (
+        dict(use_adaptive_entropy=True, entropy_target=10.0, entropy_coef_delta=0.01),
+        {"policy_loss", "entropy_coef", "clip_ratio/region_mean"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_each_objective_trains_and_logs_its_metrics(tiny_dir, tmp_path, name):
+    overrides, metrics = OBJECTIVES[name]
+    L.seed_everything(0)
+    module, data = module_and_data(tiny_dir, num_iterations=2, **overrides)
+    before = copy.deepcopy(module.policy.state_dict())
+    trainer(tmp_path, max_steps=4).fit(module, datamodule=data)
+    assert any(not torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
+    keys = {k for r in logged(tmp_path) for k, v in r.items() if v}
+    assert metrics | {"loss", "entropy", "grad_norm"} <= keys, metrics - keys
+    assert not ({"cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss"} - metrics) & keys
+
+
 class _Recorder:
     """Wraps policy_loss to record, per call, the largest |logp - old| (None when old is None)."""
 

@@ -47,6 +47,25 @@ def test_logprobs_match_a_hand_computation(tiny_dir):
         assert logps[1, 2] == 0 and ent[1, 2] == 0  # padding is zero, not garbage
 
 
+def test_entropy_carries_a_gradient_only_when_asked(tiny_dir):
+    # An entropy bonus needs d(entropy)/d(weights); without one the backward must not pay for it. Both paths
+    # give the same weight gradient of the summed entropy.
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)))
+    ids = torch.tensor([[5, 13, 6, 16, 4, 5, EOS], [PAD, PAD, 7, 16, 8, EOS, PAD]])
+    attn = (ids != PAD).long()
+    cmask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    grads = {}
+    for impl in ("materialized", "fused"):
+        _, ent = per_token_logps(model, inputs(ids, attn), cmask, 0.7, impl, compute_entropy=True)
+        assert not ent.requires_grad
+        model.zero_grad()
+        _, ent = per_token_logps(model, inputs(ids, attn), cmask, 0.7, impl, entropy_grad=True)
+        ent.sum().backward()  # .grad, not autograd.grad: a tied embedding's rows are added into .grad directly
+        grads[impl] = model.lm_head.weight.grad.clone()
+    assert grads["fused"].abs().max() > 0
+    torch.testing.assert_close(grads["fused"], grads["materialized"], rtol=1e-4, atol=1e-6)
+
+
 def _grouped_batch():
     """Three prompts of different lengths (left-padded), in runs of 4, 1 and 3 completions."""
     g = torch.Generator().manual_seed(1)

@@ -26,7 +26,7 @@ LN2 = math.log(2.0)
 @pytest.fixture(autouse=True)
 def _quiet_length_warning(monkeypatch):
     # The length-weighting warning fires once per process; every test starts from "not yet warned".
-    monkeypatch.setattr(pl_module, "_warned_length_weighting", False)
+    monkeypatch.setattr(pl_module, "_warned", set())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
@@ -581,7 +581,7 @@ def _bad(**over):
 
 BAD = {
     "unknown level": ({"importance_sampling_level": "tokens"}, "importance_sampling_level"),
-    "unknown loss type": ({"loss_type": "cispo"}, "loss_type"),
+    "unknown loss type": ({"loss_type": "ppo"}, "loss_type"),
     "negative epsilon_low": ({"epsilon_low": -0.1}, "epsilon_low"),
     "negative epsilon_high": ({"epsilon_high": -0.1}, "epsilon_high"),
     "delta below 1+eps_high": ({"delta": 1.1, "epsilon_high": 0.28}, "delta"),

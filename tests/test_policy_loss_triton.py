@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from lightning_gspo.kernels.policy_loss import LEVELS, LOSS_TYPES, policy_loss
+from lightning_gspo.kernels.policy_loss import LEVELS, policy_loss
+from lightning_gspo.kernels.policy_loss import TRITON_LOSS_TYPES as LOSS_TYPES
 from lightning_gspo.kernels.policy_loss_triton import TritonPolicyLoss, triton_policy_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

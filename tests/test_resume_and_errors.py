@@ -12,9 +12,9 @@ from lightning_gspo.module import GSPOModule
 from lightning_gspo.tasks.arithmetic import make_dataset
 
 
-def _run(tiny_dir, out, max_steps, ckpt_path=None, every=None):
+def _run(tiny_dir, out, max_steps, ckpt_path=None, every=None, **overrides):
     L.seed_everything(7)
-    module, data = module_and_data(tiny_dir, num_iterations=2)
+    module, data = module_and_data(tiny_dir, num_iterations=2, **overrides)
     callbacks = (
         [ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=every, save_top_k=-1)] if every else []
     )
@@ -34,6 +34,40 @@ def test_resume_continues_exactly(tiny_dir, tmp_path, stop_at):
     for a, b in zip(after, resumed[-len(after) :]):
         for key in ("reward", "loss", "entropy", "clip_ratio/region_mean", "grad_norm"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (a["step"], key)
+    for (k, v), w in zip(
+        full_module.policy.state_dict().items(), resumed_module.policy.state_dict().values()
+    ):
+        torch.testing.assert_close(v, w, msg=k)
+
+
+# Adaptive entropy control with a target above the tiny model's entropy: the coefficient rises every optimizer
+# step and the bonus applies from the second step on, so a resume that lost the controller's state would differ.
+ADAPTIVE = dict(
+    use_adaptive_entropy=True,
+    entropy_coef=0.0,
+    entropy_coef_delta=0.01,
+    entropy_target=50.0,
+    top_entropy_quantile=0.5,
+)
+
+
+def test_resume_continues_the_adaptive_entropy_coefficient(tiny_dir, tmp_path):
+    full_module, full = _run(tiny_dir, tmp_path / "full", max_steps=6, **ADAPTIVE)
+    _run(tiny_dir, tmp_path / "first", max_steps=3, every=3, **ADAPTIVE)
+    (ckpt,) = (tmp_path / "first" / "ckpt").glob("*step=3.ckpt")
+    resumed_module, resumed = _run(
+        tiny_dir, tmp_path / "second", max_steps=6, ckpt_path=str(ckpt), **ADAPTIVE
+    )
+    coefs = [float(r["entropy_coef"]) for r in full if r.get("entropy_coef")]  # means between logs
+    assert (
+        len(coefs) >= 2 and coefs == sorted(coefs) and full_module.state.entropy.coef == pytest.approx(0.06)
+    )
+    after = [r for r in full if int(r["step"]) > 4]
+    assert after and len(after) == len(resumed[-len(after) :])
+    for a, b in zip(after, resumed[-len(after) :]):
+        for key in ("loss", "policy_loss", "entropy", "entropy_coef", "grad_norm"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (a["step"], key)
+    assert resumed_module.state.entropy.coef == pytest.approx(full_module.state.entropy.coef)
     for (k, v), w in zip(
         full_module.policy.state_dict().items(), resumed_module.policy.state_dict().values()
     ):
