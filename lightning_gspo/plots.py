@@ -36,7 +36,8 @@ def mean_window(n: int) -> int:
 
 def plot_run(csv_path: str | Path, out: str | Path, title: str = "", keys: list[str] | None = None) -> Path:
     """Reward (and each reward function's mean) against optimizer steps, as faint points with their rolling mean,
-    the held-out evaluation's (``eval/``) as markers beside them, with entropy and clipping beneath."""
+    the held-out evaluation's (``eval/``) as dashed markers in the same colours, with entropy and clipping
+    beneath."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,12 +65,14 @@ def reward_figure(series: dict[str, list[tuple[int, float]]], title: str = "", k
                      label=f"{key} (mean of {window})")  # fmt: skip
         else:
             points.set_label(key)
-    for key in ("eval/reward", "eval/pass@1"):
-        if key in series:
-            steps, values = zip(*series[key])
-            top.plot(steps, values, "o-", label=f"{key} (held out)")
+        if f"eval/{key}" in series:  # the same measure on held-out prompts, in the same colour
+            steps, values = zip(*series[f"eval/{key}"])
+            top.plot(steps, values, "o--", color=points.get_color(), label=f"{key}, held out (greedy)")
+    if "eval/pass@1" in series:
+        steps, values = zip(*series["eval/pass@1"])
+        top.plot(steps, values, "s:", color="black", label="pass@1, held out (sampled)")
     top.set_ylabel("reward")
-    top.legend(loc="lower right")
+    top.legend(loc="lower right", fontsize=7)
     top.grid(alpha=0.3)
     top.set_title(title)
     for key in ("entropy", "clip_ratio/region_mean"):

@@ -3,8 +3,9 @@
 ``train(cfg)`` composes the pieces (data module, module, callbacks, loggers, trainer) and runs; ``main()`` only
 wraps it for Hydra. Nothing else in the package imports Hydra, so every piece can be built by hand.
 
-Run as the program, it asks OpenMP's threads to sleep rather than spin when idle (``lightning_gspo.openmp``:
-several times faster on CPU cores shared with another busy process), before anything imports torch.
+Run as the program on a machine whose cores other processes already keep busy, it asks OpenMP's threads to sleep
+rather than spin when idle (``lightning_gspo.openmp``: several times faster on shared cores, slower on idle
+ones), before anything imports torch.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if PASSIVE_WAIT_SET:
         log.info(
-            "OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep; export OMP_WAIT_POLICY to choose otherwise)"
+            "OMP_WAIT_POLICY=PASSIVE: other processes keep this machine's cores busy, so idle OpenMP threads "
+            "sleep instead of spinning (export OMP_WAIT_POLICY to choose otherwise)"
         )
     metrics = train(cfg)
     return metrics.get("reward")

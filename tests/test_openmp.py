@@ -1,27 +1,46 @@
-"""The command line asks OpenMP's idle threads to sleep (lightning_gspo.openmp), before torch loads OpenMP."""
+"""The command line asks OpenMP's idle threads to sleep when other processes keep the cores busy
+(lightning_gspo.openmp), before torch loads OpenMP."""
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from lightning_gspo.openmp import prefer_passive_wait
+from lightning_gspo.openmp import BUSY_CORES, busy_cores, prefer_passive_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_passive_unless_the_user_chose_or_torch_is_loaded(monkeypatch):
+def test_passive_on_busy_cores_unless_the_user_chose_or_torch_is_loaded(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch")  # as in a fresh process
     env = {}
-    assert prefer_passive_wait(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert prefer_passive_wait(env, busy=1.0) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {}
+    assert not prefer_passive_wait(env, busy=BUSY_CORES / 2) and env == {}  # idle cores: OpenMP's default
     for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}):
         env = dict(chosen)
-        assert not prefer_passive_wait(env) and env == chosen
+        assert not prefer_passive_wait(env, busy=1.0) and env == chosen
     monkeypatch.undo()
     env = {}
-    assert not prefer_passive_wait(env) and env == {}  # too late for this process: torch has OpenMP loaded
+    assert not prefer_passive_wait(env, busy=1.0) and env == {}  # too late: torch has OpenMP loaded
+
+
+def _spinner():
+    """A process that keeps one core busy, as another user's job would."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.5)
+    return spin
+
+
+def test_busy_cores_sees_another_busy_process():
+    spin = _spinner()
+    try:
+        assert busy_cores() >= 0.8
+    finally:
+        spin.kill()
 
 
 def _policy_seen_by(args, env_extra):
@@ -34,12 +53,23 @@ def _policy_seen_by(args, env_extra):
 
 
 @pytest.mark.parametrize("given, seen", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")])
-def test_the_cli_process_runs_with_the_policy(given, seen):
+def test_the_cli_process_beside_a_busy_one_runs_with_the_policy(given, seen):
     # The composed config reads the variable inside the training process, after every import.
-    out = _policy_seen_by(
-        ["-m", "lightning_gspo.train", "+omp=${oc.env:OMP_WAIT_POLICY,unset}", "--cfg", "job", "--resolve"],
-        given,
-    )
+    spin = _spinner()
+    try:
+        out = _policy_seen_by(
+            [
+                "-m",
+                "lightning_gspo.train",
+                "+omp=${oc.env:OMP_WAIT_POLICY,unset}",
+                "--cfg",
+                "job",
+                "--resolve",
+            ],
+            given,
+        )
+    finally:
+        spin.kill()
     assert f"omp: {seen}" in out
 
 
