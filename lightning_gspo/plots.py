@@ -72,7 +72,7 @@ def reward_figure(series: dict[str, list[tuple[int, float]]], title: str = "", k
         steps, values = zip(*series["eval/pass@1"])
         top.plot(steps, values, "s:", color="black", label="pass@1, held out (sampled)")
     top.set_ylabel("reward")
-    top.legend(loc="lower right", fontsize=7)
+    top.legend(loc="best", fontsize=7)
     top.grid(alpha=0.3)
     top.set_title(title)
     for key in ("entropy", "clip_ratio/region_mean"):
