@@ -53,6 +53,7 @@ def test_reward_curve_has_a_rolling_mean_beside_the_raw_points_and_keeps_eval_ma
     assert (
         abs(y[-1] - 190.5 / 250) < 0.15 and max(abs(a - b) for a, b in zip(y[20:], y[21:])) < 0.06
     )  # smooth
-    assert list(lines["eval/reward (held out)"].get_xdata()) == [50, 100, 150, 200]
+    held_out = lines["reward, held out (greedy)"]  # dashed, in the training reward's colour
+    assert list(held_out.get_xdata()) == [50, 100, 150, 200] and held_out.get_color() == mean.get_color()
     plt.close(fig)
     assert plot_run(path, tmp_path / "curve.png").stat().st_size > 10_000
