@@ -66,3 +66,17 @@ def loss_of(module: GSPOModule, r, **kwargs):
     from lightning_gspo.loss import micro_batch_loss
 
     return micro_batch_loss(r, module.config, lambda s: module._logps(s, "policy", entropy=True), **kwargs)
+
+
+def execute_notebook(name: str, tmp_path: Path, monkeypatch, steps: int, timeout: int = 600) -> str:
+    """Run ``notebooks/<name>`` top to bottom in ``tmp_path`` with ``steps`` training steps; what it printed."""
+    import pytest
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("LIGHTNING_GSPO_NOTEBOOK_STEPS", str(steps))
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / name, as_version=4)
+    resources = {"metadata": {"path": str(tmp_path)}}
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
