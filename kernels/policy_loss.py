@@ -142,12 +142,25 @@ def _validate(spec: LossSpec) -> None:
             "loss_type='dr_grpo' divides by batch size x max_completion_length: pass max_completion_length "
             f"(a positive int), got {spec.max_completion_length!r}."
         )
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        if not getattr(spec, name) > 0:
-            raise ValueError(f"{name}={getattr(spec, name)} must be > 0 (SAPO's gate divides by it).")
-    if not 0 <= spec.top_entropy_quantile <= 1:
+    check_objective_parameters(
+        spec.sapo_temperature_pos, spec.sapo_temperature_neg, spec.top_entropy_quantile
+    )
+
+
+def check_objective_parameters(
+    sapo_temperature_pos: float, sapo_temperature_neg: float, top_entropy_quantile: float
+) -> None:
+    """The loss-type and mask parameters' rules, named by field (the config checks them with these at
+    construction, before any model loads)."""
+    for name, value in (
+        ("sapo_temperature_pos", sapo_temperature_pos),
+        ("sapo_temperature_neg", sapo_temperature_neg),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name}={value} must be > 0 (SAPO's gate divides by it).")
+    if not 0 <= top_entropy_quantile <= 1:
         raise ValueError(
-            f"top_entropy_quantile={spec.top_entropy_quantile} must be in [0, 1]: the share of tokens, by "
+            f"top_entropy_quantile={top_entropy_quantile} must be in [0, 1]: the share of tokens, by "
             "entropy, the policy loss keeps (1 keeps all)."
         )
 

@@ -25,6 +25,7 @@ from lightning_gspo.kernels.policy_loss import (
     LEVELS,
     LOSS_TYPES,
     TRITON_COVERS,
+    check_objective_parameters,
     triton_uncovered,
 )
 from lightning_gspo.trl_compat import carry_over
@@ -332,14 +333,7 @@ def _validate_loss(cfg: GSPOConfig) -> None:
     if clipped and cfg.delta is not None and cfg.delta <= 1 + cfg.epsilon_hi:
         raise ValueError(f"delta={cfg.delta} must be greater than 1 + epsilon_high = {1 + cfg.epsilon_hi}.")
     _at_least("beta", cfg.beta, 0.0)
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be > 0 (SAPO's gate divides by it).")
-    if not 0 <= cfg.top_entropy_quantile <= 1:
-        raise ValueError(
-            f"top_entropy_quantile={cfg.top_entropy_quantile} must be in [0, 1]: the share of tokens, by "
-            "entropy, kept in the policy loss (1.0 keeps all)."
-        )
+    check_objective_parameters(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg, cfg.top_entropy_quantile)
     _validate_adaptive_entropy(cfg)
     bonus = cfg.entropy_coef if cfg.entropy_bonus_enabled else None
     uncovered = triton_uncovered(
