@@ -149,9 +149,10 @@ class GSPOModule(L.LightningModule):
     # ---- evaluation on held-out prompts (lightning_gspo.evaluation; metrics under eval/ and test/) ----
     def on_train_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if self.config.eval_on_start and self.global_step == 0 and dm is not None and dm.val_dataloader():
+        loader = dm.val_dataloader() if self.config.eval_on_start and dm is not None else []
+        if self.global_step == 0 and loader:
             self.evaluator.reset()
-            for batch in dm.val_dataloader():
+            for batch in loader:
                 self.evaluator.add_batch(self.policy, batch, self.device)
             self._log_metrics(self._eval_metrics("eval"))  # the baseline, at step 0
 
