@@ -33,8 +33,6 @@ from lightning_gspo.export import load_policy_weights
 from lightning_gspo.models import ModelConfig
 from lightning_gspo.module import GSPOModule
 
-log = logging.getLogger(__name__)
-
 
 def evaluate(
     overrides: list[str],
