@@ -106,6 +106,14 @@ class GSPOConfig:
     """One weight per reward function; None weighs each by 1."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without an EOS out of the loss."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a group whose rewards are all equal teaches nothing (its advantages are 0), so it
+    is replaced by the group of a newly drawn prompt until the generation batch holds only informative groups or
+    dynamic_sampling_max_rounds extra rounds have run. Extra prompts come from their own seeded order of the
+    training prompts (lightning_gspo.dynamic_sampling)."""
+    dynamic_sampling_max_rounds: int = 4
+    """Extra sampling rounds per generation batch at most; groups still without reward variance then stay in the
+    batch (with zero advantage), and dynamic_sampling/groups_left says how many."""
 
     # ---- generation ----
     max_prompt_length: int | None = 512

@@ -51,6 +51,7 @@ def validate(cfg: GSPOConfig) -> None:
         _at_least("num_generations_eval", cfg.num_generations_eval, 0)
     if cfg.eval_steps is not None:
         _at_least("eval_steps", cfg.eval_steps, 1)
+    _at_least("dynamic_sampling_max_rounds", cfg.dynamic_sampling_max_rounds, 1)
     _validate_loss(cfg)
     _validate_batches(cfg)
     _validate_sampling(cfg)

@@ -34,6 +34,9 @@ from lightning_gspo.config import GSPOConfig
 # Our loader runs in the main process (num_workers=0), where the length of the iterable is exact.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
+# Offsets the extra-prompt stream's seed from the epoch order's (seed + epoch), so the two orders differ.
+_EXTRA_STREAM_SEED = 7_919
+
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -262,6 +265,24 @@ class PromptGroupDataModule(L.LightningDataModule):
         return DataLoader(
             mine, batch_size=None, collate_fn=_identity, num_workers=0, generator=torch.Generator()
         )
+
+    # ---- extra prompts for dynamic sampling ----
+    def extra_prompts(self, start: int, count: int) -> list[dict[str, Any]]:
+        """Prompts ``start`` to ``start + count`` of this rank's extra-prompt stream (dynamic sampling).
+
+        The stream is its own seeded order of the training prompts, cycle after cycle, dealt to ranks in turn; it
+        is a pure function of its position, so the caller keeps the position (and a resumed run continues it) and
+        the epoch's order, which counts the training steps, is untouched."""
+        n, world = len(self.dataset), self.world_size
+        per_cycle = max(1, n // world)  # each rank's share of one cycle through the prompts
+        rows, orders = [], {}
+        for k in range(start, start + count):
+            cycle, at = divmod(k, per_cycle)
+            if cycle not in orders:
+                generator = torch.Generator().manual_seed(_EXTRA_STREAM_SEED + self.seed * 1_000_003 + cycle)
+                orders[cycle] = torch.randperm(n, generator=generator)
+            rows.append(self.dataset[int(orders[cycle][(at * world + self.rank) % n])])
+        return rows
 
     # ---- resume: where the next batch starts ----
     def resume_after(self, epoch: int, index: int, repeat: int) -> None:

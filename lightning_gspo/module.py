@@ -37,6 +37,7 @@ from lightning_gspo.adapters import is_peft_model
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import EvalBatch, PromptBatch
+from lightning_gspo.dynamic_sampling import DynamicSampler
 from lightning_gspo.entropy_control import EntropyControl
 from lightning_gspo.evaluation import Evaluator
 from lightning_gspo.loss import micro_batch_loss, scored_rows
@@ -107,6 +108,12 @@ class GSPOModule(L.LightningModule):
         self.evaluator = Evaluator(self.tokenizer, cfg, self.eos, self.reward_funcs, self.reward_names)
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
         self.state = RunState(entropy=EntropyControl.from_config(cfg))
+        self.dynamic_sampler = None
+        if (
+            cfg.dynamic_sampling
+        ):  # DAPO's: flat groups give way to new prompts' (lightning_gspo.dynamic_sampling)
+            rounds, pad = cfg.dynamic_sampling_max_rounds, self.tokenizer.pad_token_id
+            self.dynamic_sampler = DynamicSampler(cfg.num_generations, cfg.reward_weights, rounds, pad)
         self.save_hyperparameters(_run_settings(self.model_config, reward_funcs, cfg))
 
     # ---- Lightning hooks ----
@@ -116,6 +123,13 @@ class GSPOModule(L.LightningModule):
                 "precision='16-mixed' needs loss scaling this module does not do; use 'bf16-mixed'."
             )
         self.spg = self.config.steps_per_generation_for(self.trainer.world_size)
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.dynamic_sampler is not None and stage == "fit" and not hasattr(dm, "extra_prompts"):
+            raise ValueError(
+                "dynamic_sampling=True draws further prompts from the data module: train with a "
+                "PromptGroupDataModule (trainer.fit(module, datamodule=...)), or give your data module an "
+                "extra_prompts(start, count) method, or set dynamic_sampling=False."
+            )
 
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
@@ -202,12 +216,14 @@ class GSPOModule(L.LightningModule):
     @torch.no_grad()
     def _make_rollout(self, records: list[dict[str, Any]]) -> Rollout:
         cfg, g = self.config, self.config.num_generations
-        r = sample_completions(self.policy, self.tokenizer, records, cfg, self.engine, self.eos, self.device)
+        r, rewards = self._sample_and_score(records)
+        refilled = {}
+        if self.dynamic_sampler is not None:
+            r, rewards, stats = self.dynamic_sampler.refill(
+                r, rewards, self._sample_and_score, self._extra_prompts, self._any_rank_short
+            )
+            refilled = stats.metrics()
         prompts, completions = r.texts["prompts"], r.texts["completions"]
-        ids = [row[m].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
-        columns = {k: [rec[k] for rec in records for _ in range(g)] for k in records[0] if k != "prompt"}
-        scores = score_completions(self.reward_funcs, self.reward_names, prompts, completions, ids, columns)
-        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
         world, rank = self.trainer.world_size, self.trainer.global_rank
         gathered = self.all_gather(rewards).reshape(-1, rewards.shape[1]) if world > 1 else rewards
         adv = group_advantages(gathered, g, cfg.reward_weights, cfg.scale_rewards, self.reward_names)
@@ -227,6 +243,7 @@ class GSPOModule(L.LightningModule):
         lengths = r.completion_mask.sum(1).float()
         metrics = {
             **adv.metrics,
+            **refilled,
             "completions/mean_length": lengths.mean().item(),
             "completions/min_length": lengths.min().item(),
             "completions/max_length": lengths.max().item(),
@@ -235,6 +252,34 @@ class GSPOModule(L.LightningModule):
         self.state.window.add(reduce_mean(metrics, self.trainer.strategy) if world > 1 else metrics)
         self._last_rows = (prompts, completions, rewards, adv.advantages)
         return r
+
+    def _sample_and_score(self, records: list[dict[str, Any]]) -> tuple[Rollout, torch.Tensor]:
+        """Completions of ``records``' prompts and their (B, R) rewards, NaN where a function returned None."""
+        g = self.config.num_generations
+        r = sample_completions(
+            self.policy, self.tokenizer, records, self.config, self.engine, self.eos, self.device
+        )
+        ids = [row[m].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+        columns = {k: [rec[k] for rec in records for _ in range(g)] for k in records[0] if k != "prompt"}
+        texts = r.texts["prompts"], r.texts["completions"]
+        scores = score_completions(self.reward_funcs, self.reward_names, *texts, ids, columns)
+        return r, torch.tensor(scores, dtype=torch.float32, device=self.device)
+
+    def _extra_prompts(self, count: int) -> list[dict[str, Any]]:
+        """The next ``count`` prompts of the data module's extra-prompt stream (dynamic sampling)."""
+        start, self.state.extra_prompts_drawn = (
+            self.state.extra_prompts_drawn,
+            self.state.extra_prompts_drawn + count,
+        )
+        return self.trainer.datamodule.extra_prompts(start, count)
+
+    def _any_rank_short(self, flat_groups: int) -> bool:
+        if self.trainer.world_size == 1:
+            return flat_groups > 0
+        total = self.trainer.strategy.reduce(
+            torch.tensor(float(flat_groups), device=self.device), reduce_op="sum"
+        )
+        return total.item() > 0
 
     def _first_pass_is_on_policy(self) -> bool:
         """Whether the first pass over a rollout made now computes its log-probs with the weights that sampled

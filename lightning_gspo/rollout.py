@@ -61,6 +61,23 @@ class Rollout:
             kw[f.name] = value
         return Rollout(**kw)
 
+    @classmethod
+    def cat(cls, parts: list[Rollout], pad_token_id: int) -> Rollout:
+        """The rows of freshly sampled rollouts (no advantages or log-probs yet) as one, prompts left-padded and
+        completions right-padded to the widest part."""
+        if any(r.advantages is not None or r.old_logps is not None or r.ref_logps is not None for r in parts):
+            raise ValueError("Rollout.cat joins freshly sampled rollouts, before advantages and log-probs.")
+        p = max(r.prompt_ids.shape[1] for r in parts)
+        c = max(r.completion_ids.shape[1] for r in parts)
+        return cls(
+            torch.cat([_pad(r.prompt_ids, p, pad_token_id, left=True) for r in parts]),
+            torch.cat([_pad(r.prompt_mask, p, 0, left=True) for r in parts]),
+            torch.cat([_pad(r.completion_ids, c, pad_token_id, left=False) for r in parts]),
+            torch.cat([_pad(r.completion_mask, c, False, left=False) for r in parts]),
+            torch.cat([r.is_truncated for r in parts]),
+            texts={k: [x for r in parts for x in r.texts[k]] for k in parts[0].texts},
+        )
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The whole sequences as the model's forward takes them (prompt, then completion)."""
         return {
@@ -74,6 +91,13 @@ class Rollout:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
+
+
+def _pad(t: torch.Tensor, width: int, value: Any, left: bool) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    fill = t.new_full((t.shape[0], width - t.shape[1]), value)
+    return torch.cat([fill, t] if left else [t, fill], 1)
 
 
 def prompt_text(prompt: Any, tokenizer) -> str:

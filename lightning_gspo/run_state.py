@@ -1,5 +1,6 @@
 """What a training run carries from one Lightning step to the next, and across a resume, beyond the weights and
-the optimizer: the rollout in flight, the accumulation position, the metric window, the entropy bonus's coefficient and the RNG.
+the optimizer: the rollout in flight, the accumulation position, the metric window, the entropy bonus's
+coefficient, the extra-prompt stream's position (dynamic sampling) and the RNG.
 
 A resumed run must continue exactly as the uninterrupted one: the same prompts (the data module's position),
 the same micro-batches of the same rollout (which is saved whole, with its old and reference log-probs), the
@@ -38,6 +39,8 @@ class RunState:
     """(CPU, CUDA) generator states to apply at the next training step."""
     entropy: EntropyControl | None = None
     """The entropy bonus's coefficient (adaptive control's state); None without a bonus."""
+    extra_prompts_drawn: int = 0
+    """Position in the data module's extra-prompt stream (dynamic sampling)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -52,12 +55,14 @@ class RunState:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "entropy": None if self.entropy is None else self.entropy.state_dict(),
+            "extra_prompts_drawn": self.extra_prompts_drawn,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.micro_steps, self.last_logged_step = state["micro_steps"], state["last_logged_step"]
         self.old_from_first_pass = state.get("old_from_first_pass", False)
         self.position = state["position"]
+        self.extra_prompts_drawn = state.get("extra_prompts_drawn", 0)
         self.window.sums.update(state["window"][0])
         self.window.counts.update(state["window"][1])
         if state["rollout"] is not None:

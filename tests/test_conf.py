@@ -88,6 +88,7 @@ def test_presets_select_the_algorithm(tmp_path):
     assert algo("grpo").importance_sampling_level == "token" and algo("grpo").loss_type == "grpo"
     assert algo("dr_grpo").loss_type == "dr_grpo" and algo("dr_grpo").scale_rewards == "none"
     assert algo("dapo").epsilon_high == 0.28 and algo("dapo").mask_truncated_completions
+    assert algo("dapo").dynamic_sampling and not algo("gspo").dynamic_sampling
     assert algo("cispo").loss_type == "cispo" and algo("cispo").epsilon_high == 5.0
     assert algo("sapo").loss_type == "sapo" and algo("sapo").sapo_temperature_neg == 1.05
     for name in ("gspo", "grpo"):
@@ -168,12 +169,16 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         "algorithm.num_generations=4",
         "algorithm.per_device_train_batch_size=8",
         "algorithm.loss_type=dapo",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.dynamic_sampling_max_rounds=2",
         "model.tiny.num_hidden_layers=2",
         "callbacks=none",
     )
     trained = [r for r in rows if r.get("reward")]
     assert [int(r["step"]) for r in trained] == [2]
     assert float(trained[0]["grad_norm"]) > 0
+    # Both ranks ran the refill rounds in step (the run would hang otherwise) and report them.
+    assert 0 <= float(trained[0]["dynamic_sampling/rounds"]) <= 2
     (baseline,) = [r for r in rows if r.get("eval/reward")]  # evaluated on both ranks, reduced once
     assert int(baseline["step"]) == 0 and 0 <= float(baseline["eval/pass@1"]) <= 1
 
