@@ -260,3 +260,23 @@ def test_a_built_model_gets_its_tokenizers_pad_token_id(rm_dir):
     assert model.config.pad_token_id == tok.pad_token_id
     texts = [p + c for p, c in zip(*PLAIN)]
     assert rm(*PLAIN) == pytest.approx(direct_scores(rm_dir, texts), abs=1e-5)
+
+
+def test_a_hydra_reward_config_lists_a_model_beside_functions(rm_dir, tmp_path):
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from lightning_gspo.train import build
+
+    entries = f"[{rm_dir},{{model:'{rm_dir}',batch_size:4}},{FORMAT}]"
+    overrides = [f"reward.funcs={entries}", "reward.weights=[1.0,0.5,0.25]", "model.tiny.num_hidden_layers=2"]
+    with initialize_config_module("lightning_gspo.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+        cfg.model.tiny_dir = str(tmp_path / "tiny")
+    _, module, _ = build(cfg)
+    assert module.reward_names == ["tiny_rm", "tiny_rm", "format_reward"]
+    assert [getattr(f, "batch_size", None) for f in module.reward_funcs] == [32, 4, None]
+    assert module.config.reward_weights == [1.0, 0.5, 0.25]
+    assert module.hparams["reward_funcs"] == [str(rm_dir), {"model": str(rm_dir), "batch_size": 4}, FORMAT]
