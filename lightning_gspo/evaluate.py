@@ -10,8 +10,11 @@ default ``eval.json`` beside the checkpoint or model).
 Settings come from the training configs (``conf/``) composed with the ``key=value`` overrides, as for
 ``python -m lightning_gspo.train``; a checkpoint's own settings (model, reward functions, algorithm: its
 ``hyper_parameters``) take the place of the ``model``, ``reward`` and ``algorithm`` groups, with ``group.key=value``
-overrides applied on top (``group=option`` chooses the config's option instead). The held-out prompts are the data config's: the default task holds out the same 20 sums as training
-(the same seed), so a checkpoint of the default job is scored on sums it never trained on.
+overrides applied on top (``group=option`` chooses the config's option instead). A reward model is rebuilt from
+the path the checkpoint recorded; one that was built in memory cannot be, and the reward functions must then be
+given (``reward=...`` or ``reward.funcs=[...]``, or ``evaluate(..., reward_funcs=[...])``). The held-out prompts
+are the data config's: the default task holds out the same 20 sums as training (the same seed), so a checkpoint
+of the default job is scored on sums it never trained on.
 """
 
 from __future__ import annotations

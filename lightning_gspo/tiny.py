@@ -1,4 +1,5 @@
-"""The tiny local model: a Qwen2-architecture causal LM with a character-level Qwen2 tokenizer.
+"""The tiny local model: a Qwen2-architecture causal LM with a character-level Qwen2 tokenizer; and a tiny reward
+model (the same body with a one-label classification head) for tests of reward models.
 
 Tests and the CPU demo need a model without a hub. It is written to a Hugging Face directory (config,
 safetensors, tokenizer files) and loaded with ``from_pretrained``, so it takes the path a real model takes.
