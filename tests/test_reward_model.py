@@ -200,6 +200,8 @@ def test_training_leaves_the_reward_model_frozen_and_out_of_the_checkpoint(tiny_
         return out
 
     rm.model.forward = spy
+    moved, to = [], rm.to
+    rm.to = lambda device: (moved.append(torch.device(device)), to(device))[1]
     t = trainer(tmp_path, max_steps=2)
     t.fit(module, datamodule=PromptGroupDataModule(make_dataset(64, seed=3), algorithm=cfg))
 
@@ -207,6 +209,7 @@ def test_training_leaves_the_reward_model_frozen_and_out_of_the_checkpoint(tiny_
     assert any(not torch.equal(v, policy_before[k]) for k, v in module.policy.state_dict().items())
     assert all(torch.equal(v, rm_before[k]) for k, v in rm.model.state_dict().items())
     assert calls and set(calls) == {(False, False, False)}
+    assert moved and set(moved) == {module.device}  # on_fit_start put it where the policy is
     assert not any(p.requires_grad for p in rm.model.parameters())
     optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in rm.model.parameters()}
@@ -268,7 +271,7 @@ def test_a_hydra_reward_config_lists_a_model_beside_functions(rm_dir, tmp_path):
 
     from lightning_gspo.train import build
 
-    entries = f"[{rm_dir},{{model:'{rm_dir}',batch_size:4}},{FORMAT}]"
+    entries = f"[{rm_dir},{{model:'{rm_dir}',batch_size:4,dtype:bfloat16}},{FORMAT}]"
     overrides = [f"reward.funcs={entries}", "reward.weights=[1.0,0.5,0.25]", "model.tiny.num_hidden_layers=2"]
     with initialize_config_module("lightning_gspo.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -278,5 +281,7 @@ def test_a_hydra_reward_config_lists_a_model_beside_functions(rm_dir, tmp_path):
     _, module, _ = build(cfg)
     assert module.reward_names == ["tiny_rm", "tiny_rm", "format_reward"]
     assert [getattr(f, "batch_size", None) for f in module.reward_funcs] == [32, 4, None]
+    assert module.reward_funcs[1].model.dtype == torch.bfloat16
     assert module.config.reward_weights == [1.0, 0.5, 0.25]
-    assert module.hparams["reward_funcs"] == [str(rm_dir), {"model": str(rm_dir), "batch_size": 4}, FORMAT]
+    options = {"model": str(rm_dir), "batch_size": 4, "dtype": "bfloat16"}
+    assert module.hparams["reward_funcs"] == [str(rm_dir), options, FORMAT]
