@@ -126,18 +126,19 @@ class RewardModel:
         if dtype not in DTYPES:
             raise ValueError(f"reward model {path!r}: dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
         _check_local(path)
+        where = os.path.expanduser(path)  # from_pretrained does not expand '~'
         kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
         try:
-            config = AutoConfig.from_pretrained(path, **kwargs)
+            config = AutoConfig.from_pretrained(where, **kwargs)
         except (OSError, ValueError) as err:
             raise ValueError(_unloadable_message(path, err)) from err
         name = str(path).rstrip("/").split("/")[-1]
         if config.num_labels != 1:
             raise ValueError(_num_labels_message(name, config.num_labels))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=DTYPES[dtype], **kwargs
+                where, num_labels=1, dtype=DTYPES[dtype], **kwargs
             )
         except (OSError, ValueError) as err:
             raise ValueError(_unloadable_message(path, err)) from err
