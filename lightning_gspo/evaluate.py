@@ -10,8 +10,11 @@ default ``eval.json`` beside the checkpoint or model).
 Settings come from the training configs (``conf/``) composed with the ``key=value`` overrides, as for
 ``python -m lightning_gspo.train``; a checkpoint's own settings (model, reward functions, algorithm: its
 ``hyper_parameters``) take the place of the ``model``, ``reward`` and ``algorithm`` groups, with ``group.key=value``
-overrides applied on top (``group=option`` chooses the config's option instead). The held-out prompts are the data config's: the default task holds out the same 20 sums as training
-(the same seed), so a checkpoint of the default job is scored on sums it never trained on.
+overrides applied on top (``group=option`` chooses the config's option instead). A reward model is rebuilt from
+the path the checkpoint recorded; one that was built in memory cannot be, and the reward functions must then be
+given (``reward=...`` or ``reward.funcs=[...]``, or ``evaluate(..., reward_funcs=[...])``). The held-out prompts
+are the data config's: the default task holds out the same 20 sums as training (the same seed), so a checkpoint
+of the default job is scored on sums it never trained on.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lightning_gspo.config import GSPOConfig
 from lightning_gspo.export import load_policy_weights
 from lightning_gspo.models import ModelConfig
 from lightning_gspo.module import GSPOModule
+from lightning_gspo.rewards import BUILT_REWARD_MODEL
 
 
 def evaluate(
@@ -39,8 +43,11 @@ def evaluate(
     ckpt: str | Path | None = None,
     model_dir: str | Path | None = None,
     split: str = "val",
+    reward_funcs: list | None = None,
 ) -> dict[str, float]:
-    """The held-out metrics of a checkpoint's or a model directory's policy (one process)."""
+    """The held-out metrics of a checkpoint's or a model directory's policy (one process). ``reward_funcs``
+    (callables, import paths or reward models, as ``GSPOModule`` takes them) replace the checkpoint's and the
+    config's; a run that trained with a reward model built in memory needs them."""
     if (ckpt is None) == (model_dir is None):
         raise ValueError("give a checkpoint (--ckpt) or a model directory (--model), one of the two.")
     with initialize_config_module("lightning_gspo.conf", version_base="1.3"):
@@ -51,10 +58,14 @@ def evaluate(
         model_values = {"name_or_path": str(model_dir), "dtype": model_values.get("dtype", "float32")}
     algo_values = _group(cfg, "algorithm", saved.get("config"), overrides)
     rewards = saved.get("reward_funcs")
-    if not rewards or _names_group("reward", overrides):
-        rewards = list(cfg.reward.funcs)
+    if reward_funcs is not None:
+        rewards = reward_funcs
+    elif not rewards or _names_group("reward", overrides):
+        rewards = OmegaConf.to_container(cfg.reward.funcs, resolve=True)
         if algo_values.get("reward_weights") is None and cfg.reward.get("weights") is not None:
             algo_values["reward_weights"] = list(cfg.reward.weights)
+    else:
+        _check_rebuildable(rewards, ckpt)
     algo = GSPOConfig.from_dict(algo_values)
     model = ModelConfig(**model_values)
     module = GSPOModule(model, rewards, algo)
@@ -87,6 +98,17 @@ def _group(cfg, group: str, saved: dict[str, Any] | None, overrides: list[str]) 
     dotted = [o.lstrip("+~")[len(group) + 1 :] for o in overrides if o.lstrip("+~").startswith(group + ".")]
     merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(dotted))
     return OmegaConf.to_container(merged, resolve=True)
+
+
+def _check_rebuildable(rewards: list, ckpt: str | Path | None) -> None:
+    built = [r for r in rewards if isinstance(r, str) and r.startswith(BUILT_REWARD_MODEL)]
+    if built:
+        raise ValueError(
+            f"{ckpt} was trained with a reward model built in memory ({', '.join(built)}), which a checkpoint "
+            "cannot rebuild. Pass the reward functions explicitly: reward=<option> or "
+            "'reward.funcs=[path/to/reward_model,package.module.function]' (and reward.weights) on the command "
+            "line, or evaluate(..., reward_funcs=[RewardModel(model, tokenizer), ...]) in Python."
+        )
 
 
 def _checkpoint_settings(ckpt: str | Path) -> dict[str, Any]:

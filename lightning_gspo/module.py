@@ -14,7 +14,8 @@ computes the loss (``loss.micro_batch_loss``) and accumulates gradients, steppin
   gradient_accumulation_steps``) and the policy has no active dropout, the log-probs that pass computes with
   gradients *are* the old log-probs, bit for bit: they are kept from it instead of a separate no-grad pass.
   Otherwise (more micro-batches per generation than per optimizer step, or dropout) the separate pass runs.
-- The reference model exists only when ``beta > 0``, and never enters the checkpoint or the optimizer.
+- The reference model exists only when ``beta > 0``, and never enters the checkpoint or the optimizer. Nor do
+  reward models (``rewards.reward_model``): frozen, outside the module's registry, moved to its device here.
 - With ``beta = 0`` zero-advantage completions skip the forward and backward (``loss.py`` says how the loss
   stays the micro-batch's, and when the entropy keeps every row); a micro-batch with nothing left is skipped on
   one process.
@@ -53,7 +54,8 @@ from lightning_gspo.optim import build_optimizer, build_scheduler, clip_grad_nor
 from lightning_gspo.policy_logprobs import fused_unsupported, per_token_logps
 from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
-from lightning_gspo.rewards import resolve_reward_funcs, score_completions
+from lightning_gspo.rewards import resolve_reward_funcs, reward_func_settings, score_completions
+from lightning_gspo.rewards.reward_model import RewardModel
 from lightning_gspo.rollout import GenerationEngine, HFGenerate, Rollout, eos_ids, sample_completions
 from lightning_gspo.run_state import RunState
 
@@ -65,7 +67,8 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 class GSPOModule(L.LightningModule):
     """Args:
     model: a ``ModelConfig`` (or its dict), a name/path, or an already built causal LM.
-    reward_funcs: callables with TRL's signature, or their import paths.
+    reward_funcs: callables with TRL's signature, their import paths, or reward models (a directory or hub name, a
+        built sequence classifier, a ``RewardModel``); see ``lightning_gspo.rewards.resolve_reward_funcs``.
     config: the algorithm config (``GSPOConfig`` or a dict of GRPOConfig field names).
     tokenizer: needed when ``model`` is a built model; loaded from the model's path otherwise.
     engine: the ``GenerationEngine`` that samples completions; transformers' ``generate`` by default.
@@ -109,12 +112,13 @@ class GSPOModule(L.LightningModule):
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
         self.state = RunState(entropy=EntropyControl.from_config(cfg))
         self.dynamic_sampler = None
-        if (
-            cfg.dynamic_sampling
-        ):  # DAPO's: flat groups give way to new prompts' (lightning_gspo.dynamic_sampling)
+        if cfg.dynamic_sampling:  # DAPO's (lightning_gspo.dynamic_sampling)
             rounds, pad = cfg.dynamic_sampling_max_rounds, self.tokenizer.pad_token_id
             self.dynamic_sampler = DynamicSampler(cfg.num_generations, cfg.reward_weights, rounds, pad)
-        self.save_hyperparameters(_run_settings(self.model_config, reward_funcs, cfg))
+        settings = _run_settings(
+            self.model_config, reward_func_settings(reward_funcs, self.reward_funcs), cfg
+        )
+        self.save_hyperparameters(settings)
 
     # ---- Lightning hooks ----
     def setup(self, stage: str) -> None:
@@ -134,7 +138,15 @@ class GSPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
             self.ref_model.to(self.device)
+        self._reward_models_to_device()
         self.state.rollout_to(self.device)
+
+    def _reward_models_to_device(self) -> None:
+        # Reward models sit outside the module's registry (RewardModel is no nn.Module), so Lightning moves
+        # nothing of theirs; no-ops once they are there.
+        for f in self.reward_funcs:
+            if isinstance(f, RewardModel):
+                f.to(self.device)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.config, [p for p in self.policy.parameters() if p.requires_grad])
@@ -171,6 +183,7 @@ class GSPOModule(L.LightningModule):
             self._log_metrics(self._eval_metrics("eval"))  # the baseline, at step 0
 
     def on_validation_epoch_start(self) -> None:
+        self._reward_models_to_device()  # trainer.validate runs no fit hooks
         self.evaluator.reset()
 
     def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
@@ -180,6 +193,7 @@ class GSPOModule(L.LightningModule):
         self._log_eval("eval")
 
     def on_test_epoch_start(self) -> None:
+        self._reward_models_to_device()
         self.evaluator.reset()
 
     def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
@@ -400,12 +414,9 @@ def _load_policy(model: Any, tokenizer) -> tuple[torch.nn.Module, Any, ModelConf
 
 def _run_settings(model_config: ModelConfig | None, reward_funcs: list, cfg: GSPOConfig) -> dict[str, Any]:
     """The run's settings for the checkpoint's ``hyper_parameters``: the model's loading recipe (None for a built
-    model), the reward functions by import path, the algorithm config."""
+    model), the reward functions as ``reward_func_settings`` records them, the algorithm config."""
     return {
         "model": None if model_config is None else model_config.to_dict(),
-        "reward_funcs": [
-            f if isinstance(f, str) else f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', f)}"
-            for f in reward_funcs
-        ],
+        "reward_funcs": reward_funcs,
         "config": cfg.to_dict(),
     }

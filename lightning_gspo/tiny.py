@@ -1,4 +1,5 @@
-"""The tiny local model: a Qwen2-architecture causal LM with a character-level Qwen2 tokenizer.
+"""The tiny local model: a Qwen2-architecture causal LM with a character-level Qwen2 tokenizer; and a tiny reward
+model (the same body with a one-label classification head) for tests of reward models.
 
 Tests and the CPU demo need a model without a hub. It is written to a Hugging Face directory (config,
 safetensors, tokenizer files) and loaded with ``from_pretrained``, so it takes the path a real model takes.
@@ -77,7 +78,7 @@ def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) 
 
     The directory is reused when it already holds a model built with the same settings.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     path = Path(path)
     settings = {**TINY_DEFAULTS, **overrides, "vocab": vocab}
@@ -85,20 +86,52 @@ def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) 
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return path
     tokenizer = build_char_tokenizer(vocab, add_bos=settings.get("add_bos", False))
-    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab", "add_bos")}
+    _write(Qwen2ForCausalLM, path, tokenizer, settings, {})
+    return path
+
+
+def build_tiny_reward_model(
+    path: str | Path, vocab: str = "digits", num_labels: int = 1, **overrides: Any
+) -> Path:
+    """Write a randomly initialised tiny Qwen2 reward model (``Qwen2ForSequenceClassification``, one score per
+    text with ``num_labels=1``) and its tokenizer to ``path``, as ``build_tiny_model`` writes the policy.
+
+    Its config carries the tokenizer's pad token id: a sequence classifier reads its score at the last token that
+    is not padding, and finds it through that id.
+    """
+    from transformers import Qwen2ForSequenceClassification
+
+    path = Path(path)
+    settings = {**TINY_DEFAULTS, **overrides, "vocab": vocab, "num_labels": num_labels, "head": "reward"}
+    stamp = path / "lightning_gspo_tiny.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return path
+    tokenizer = build_char_tokenizer(vocab, add_bos=settings.get("add_bos", False))
+    tokenizer.padding_side = "right"
+    _write(Qwen2ForSequenceClassification, path, tokenizer, settings, {"num_labels": num_labels})
+    return path
+
+
+def _write(model_class, path: Path, tokenizer, settings: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Build ``model_class`` from the tiny settings with the tokenizer's special tokens, seeded, and save it with
+    its tokenizer and the settings' stamp."""
+    from transformers import Qwen2Config
+
+    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab", "add_bos", "num_labels", "head")}
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **arch,
+        **extra,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings["seed"])
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    stamp.write_text(json.dumps(settings))
-    log.info("wrote the tiny model (%d parameters) to %s", sum(p.numel() for p in model.parameters()), path)
-    return path
+    (path / "lightning_gspo_tiny.json").write_text(json.dumps(settings))
+    n = sum(p.numel() for p in model.parameters())
+    log.info("wrote the tiny %s (%d parameters) to %s", model_class.__name__, n, path)

@@ -42,7 +42,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, GSPOModule, L.Trainer
     algo = GSPOConfig.from_dict(algo_values)
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     datamodule = hydra.utils.instantiate(cfg.data, algorithm=algo)
-    module = GSPOModule(model_cfg, reward_funcs=list(cfg.reward.funcs), config=algo)
+    # Entries are import paths, reward models' directories or hub names, or mappings {model: ..., batch_size: ...}.
+    reward_funcs = OmegaConf.to_container(cfg.reward.funcs, resolve=True)
+    module = GSPOModule(model_cfg, reward_funcs=reward_funcs, config=algo)
     callbacks = _with_progress_bar(
         [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()],
         cfg.trainer.get("enable_progress_bar", True),
