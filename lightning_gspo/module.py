@@ -2,11 +2,12 @@
 
 One Lightning training step is one micro-batch, which keeps every backward paired with one forward (what DDP
 and FSDP expect). The data module yields each generation batch of prompts ``num_iterations x
-steps_per_generation`` times; on the first the module samples ``num_generations`` completions per prompt
-(``rollout.sample_completions``), scores them (``rewards.score_completions``), computes advantages, and (only
-when they are needed) old and reference log-probs; on every step it takes its micro-batch of that rollout,
-computes the loss (``loss.micro_batch_loss``) and accumulates gradients, stepping the optimizer every
-``gradient_accumulation_steps`` micro-batches (manual optimization, TRL's semantics).
+steps_per_generation`` times; on the first the module samples ``num_generations`` completions per prompt and
+scores them (``scored_sampling.ScoredSampler``, which with dynamic sampling also refills flat groups), computes
+advantages, and (only when they are needed) old and reference log-probs; on every step it takes its micro-batch
+of that rollout, computes the loss (``loss.micro_batch_loss``) and accumulates gradients, stepping the optimizer
+every ``gradient_accumulation_steps`` micro-batches (manual optimization, TRL's semantics). Held-out evaluation's
+hooks are in ``evaluation_hooks.py``.
 
 - Old log-probs are needed only when the run is off-policy; on-policy the ratio is exactly 1 and
   ``policy_loss`` uses the current log-probs, detached, saving a forward pass. Off-policy, when the whole first
@@ -37,10 +38,10 @@ import torch
 from lightning_gspo.adapters import is_peft_model
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
-from lightning_gspo.data import EvalBatch, PromptBatch
-from lightning_gspo.dynamic_sampling import DynamicSampler
+from lightning_gspo.data import PromptBatch
 from lightning_gspo.entropy_control import EntropyControl
 from lightning_gspo.evaluation import Evaluator
+from lightning_gspo.evaluation_hooks import EvaluationHooks
 from lightning_gspo.loss import micro_batch_loss, scored_rows
 from lightning_gspo.models import (
     ModelConfig,
@@ -54,17 +55,17 @@ from lightning_gspo.optim import build_optimizer, build_scheduler, clip_grad_nor
 from lightning_gspo.policy_logprobs import fused_unsupported, per_token_logps
 from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
-from lightning_gspo.rewards import resolve_reward_funcs, reward_func_settings, score_completions
-from lightning_gspo.rewards.reward_model import RewardModel
-from lightning_gspo.rollout import GenerationEngine, HFGenerate, Rollout, eos_ids, sample_completions
+from lightning_gspo.rewards import resolve_reward_funcs, reward_func_settings
+from lightning_gspo.rollout import GenerationEngine, HFGenerate, Rollout, eos_ids
 from lightning_gspo.run_state import RunState
+from lightning_gspo.scored_sampling import ScoredSampler
 
 # Checkpoints hold the state after the optimizer step together with the rollout and RNG that follow it, which is
 # what an exact resume needs; Lightning's warning about pre-optimization state does not apply.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
-class GSPOModule(L.LightningModule):
+class GSPOModule(EvaluationHooks, L.LightningModule):
     """Args:
     model: a ``ModelConfig`` (or its dict), a name/path, or an already built causal LM.
     reward_funcs: callables with TRL's signature, their import paths, or reward models (a directory or hub name, a
@@ -107,14 +108,13 @@ class GSPOModule(L.LightningModule):
         ref = frozen_copy(self.policy) if cfg.beta > 0 and not is_peft_model(self.policy) else None
         object.__setattr__(self, "ref_model", ref)
         self.eos = eos_ids(self.tokenizer, self.policy)
-        self.engine = engine or HFGenerate(self.tokenizer, cfg, self.eos)
+        engine = engine or HFGenerate(self.tokenizer, cfg, self.eos)
+        self.sampler = ScoredSampler(
+            self.tokenizer, cfg, engine, self.eos, self.reward_funcs, self.reward_names
+        )
         self.evaluator = Evaluator(self.tokenizer, cfg, self.eos, self.reward_funcs, self.reward_names)
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
         self.state = RunState(entropy=EntropyControl.from_config(cfg))
-        self.dynamic_sampler = None
-        if cfg.dynamic_sampling:  # DAPO's (lightning_gspo.dynamic_sampling)
-            rounds, pad = cfg.dynamic_sampling_max_rounds, self.tokenizer.pad_token_id
-            self.dynamic_sampler = DynamicSampler(cfg.num_generations, cfg.reward_weights, rounds, pad)
         settings = _run_settings(
             self.model_config, reward_func_settings(reward_funcs, self.reward_funcs), cfg
         )
@@ -128,7 +128,7 @@ class GSPOModule(L.LightningModule):
             )
         self.spg = self.config.steps_per_generation_for(self.trainer.world_size)
         dm = getattr(self.trainer, "datamodule", None)
-        if self.dynamic_sampler is not None and stage == "fit" and not hasattr(dm, "extra_prompts"):
+        if self.sampler.dynamic is not None and stage == "fit" and not hasattr(dm, "extra_prompts"):
             raise ValueError(
                 "dynamic_sampling=True draws further prompts from the data module: train with a "
                 "PromptGroupDataModule (trainer.fit(module, datamodule=...)), or give your data module an "
@@ -138,15 +138,8 @@ class GSPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
             self.ref_model.to(self.device)
-        self._reward_models_to_device()
+        self.sampler.reward_models_to(self.device)
         self.state.rollout_to(self.device)
-
-    def _reward_models_to_device(self) -> None:
-        # Reward models sit outside the module's registry (RewardModel is no nn.Module), so Lightning moves
-        # nothing of theirs; no-ops once they are there.
-        for f in self.reward_funcs:
-            if isinstance(f, RewardModel):
-                f.to(self.device)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.config, [p for p in self.policy.parameters() if p.requires_grad])
@@ -172,54 +165,6 @@ class GSPOModule(L.LightningModule):
             self._maybe_log()
         return loss
 
-    # ---- evaluation on held-out prompts (lightning_gspo.evaluation; metrics under eval/ and test/) ----
-    def on_train_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        loader = dm.val_dataloader() if self.config.eval_on_start and dm is not None else []
-        if self.global_step == 0 and loader:
-            self.evaluator.reset()
-            for batch in loader:
-                self.evaluator.add_batch(self.policy, batch, self.device)
-            self._log_metrics(self._eval_metrics("eval"))  # the baseline, at step 0
-
-    def on_validation_epoch_start(self) -> None:
-        self._reward_models_to_device()  # trainer.validate runs no fit hooks
-        self.evaluator.reset()
-
-    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
-        self.evaluator.add_batch(self.policy, batch, self.device)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("eval")
-
-    def on_test_epoch_start(self) -> None:
-        self._reward_models_to_device()
-        self.evaluator.reset()
-
-    def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
-        self.evaluator.add_batch(self.policy, batch, self.device)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def _eval_metrics(self, prefix: str) -> dict[str, float]:
-        self.evaluator.totals.reduce(self.trainer.strategy)
-        return self.evaluator.totals.metrics(prefix)
-
-    def _log_eval(self, prefix: str) -> None:
-        if self.trainer.sanity_checking:  # Lightning's pre-training check logs nothing
-            return
-        metrics = self._eval_metrics(prefix)  # already the same on every rank
-        fitting = self.trainer.state.fn == "fit"
-        if fitting:
-            # Written at the optimizer step, like the training metrics (Lightning's own logging would count
-            # micro-batches); self.log keeps them for callbacks (ModelCheckpoint's monitor) and the progress bar.
-            self._log_metrics(metrics)
-        reward = metrics.pop(f"{prefix}/reward", None)
-        self.log_dict(metrics, logger=not fitting, sync_dist=False)
-        if reward is not None:
-            self.log(f"{prefix}/reward", reward, prog_bar=True, logger=not fitting, sync_dist=False)
-
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         if self.global_rank == 0:
             for logger in self.loggers:
@@ -230,13 +175,9 @@ class GSPOModule(L.LightningModule):
     @torch.no_grad()
     def _make_rollout(self, records: list[dict[str, Any]]) -> Rollout:
         cfg, g = self.config, self.config.num_generations
-        r, rewards = self._sample_and_score(records)
-        refilled = {}
-        if self.dynamic_sampler is not None:
-            r, rewards, stats = self.dynamic_sampler.refill(
-                r, rewards, self._sample_and_score, self._extra_prompts, self._any_rank_short
-            )
-            refilled = stats.metrics()
+        r, rewards, refilled = self.sampler.generation_batch(
+            self.policy, records, self.device, self._extra_prompts, self._any_rank_short
+        )
         prompts, completions = r.texts["prompts"], r.texts["completions"]
         world, rank = self.trainer.world_size, self.trainer.global_rank
         gathered = self.all_gather(rewards).reshape(-1, rewards.shape[1]) if world > 1 else rewards
@@ -267,24 +208,10 @@ class GSPOModule(L.LightningModule):
         self._last_rows = (prompts, completions, rewards, adv.advantages)
         return r
 
-    def _sample_and_score(self, records: list[dict[str, Any]]) -> tuple[Rollout, torch.Tensor]:
-        """Completions of ``records``' prompts and their (B, R) rewards, NaN where a function returned None."""
-        g = self.config.num_generations
-        r = sample_completions(
-            self.policy, self.tokenizer, records, self.config, self.engine, self.eos, self.device
-        )
-        ids = [row[m].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
-        columns = {k: [rec[k] for rec in records for _ in range(g)] for k in records[0] if k != "prompt"}
-        texts = r.texts["prompts"], r.texts["completions"]
-        scores = score_completions(self.reward_funcs, self.reward_names, *texts, ids, columns)
-        return r, torch.tensor(scores, dtype=torch.float32, device=self.device)
-
     def _extra_prompts(self, count: int) -> list[dict[str, Any]]:
         """The next ``count`` prompts of the data module's extra-prompt stream (dynamic sampling)."""
-        start, self.state.extra_prompts_drawn = (
-            self.state.extra_prompts_drawn,
-            self.state.extra_prompts_drawn + count,
-        )
+        start = self.state.extra_prompts_drawn
+        self.state.extra_prompts_drawn += count
         return self.trainer.datamodule.extra_prompts(start, count)
 
     def _any_rank_short(self, flat_groups: int) -> bool:

@@ -207,7 +207,7 @@ def test_a_generation_engine_is_one_class_behind_the_sampling_seam(tiny_dir, tmp
     module, data = module_and_data(tiny_dir, num_iterations=1)
     eos = module.tokenizer.eos_token_id
     digit = module.tokenizer.convert_tokens_to_ids("7")
-    module.engine = engine = _ScriptedEngine([digit, eos, eos, eos])
+    module.sampler.engine = engine = _ScriptedEngine([digit, eos, eos, eos])
     trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
     # each distinct prompt once, with the group size: 8 completions per rank per generation batch x 2 steps
     assert engine.calls == [((4, engine.calls[0][0][1]), 4)] * 2
