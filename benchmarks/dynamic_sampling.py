@@ -74,15 +74,16 @@ def _dd_hh_mm_ss(minutes: float) -> str:
 
 
 def timeline(out: Path) -> tuple[dict[int, tuple[float, float]], dict[str, float]]:
-    """([(step, minutes, held-out correctness)], medians of the training metrics and seconds per step)."""
+    """({step: (minutes, held-out correctness)}, the second half's mean training metrics, steps, s/step)."""
     clock = {int(k): v for k, v in json.loads((out / "clock.json").read_text()).items()}
     with open(out / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    evals = [
-        (int(r["step"]), clock.get(int(r["step"]), 0.0) / 60, float(r[HELD_OUT]))
+    # An evaluation after step N is shown at the minute step N ended (its own cost falls in the next step).
+    evals = {
+        int(r["step"]): (clock.get(int(r["step"]), 0.0) / 60, float(r[HELD_OUT]))
         for r in rows
         if r.get(HELD_OUT)
-    ]
+    }
     steps = sorted(clock)
     per_step = [clock[b] - clock[a] for a, b in zip(steps[1:], steps[2:])]  # after the baseline's step
     summary = {
@@ -104,7 +105,11 @@ def main() -> None:
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("outputs/bench_dynamic_sampling"))
     p.add_argument("--arm", choices=("off", "on"), help=argparse.SUPPRESS)  # a child process's arm
+    p.add_argument("--report", action="store_true", help="only print the tables of the runs already in --out")
     a = p.parse_args()
+    if a.report:
+        report(a.out)
+        return
     if a.arm:
         run_arm(a.arm == "on", a.minutes, a.seed, a.eval_steps, a.out / a.arm)
         return
@@ -131,8 +136,12 @@ def main() -> None:
     if any(c.returncode for c in children):
         sys.exit(f"an arm failed: return codes {[c.returncode for c in children]}")
     print(f"\nstarted {started}; load average during the runs: median {statistics.median(loads):.1f}")
+    report(a.out)
+
+
+def report(out: Path) -> None:
     for arm in ("off", "on"):
-        evals, summary = timeline(a.out / arm)
+        evals, summary = timeline(out / arm)
         print(
             f"\n### dynamic_sampling={arm == 'on'}: " + ", ".join(f"{k} {v:.3g}" for k, v in summary.items())
         )
