@@ -37,6 +37,7 @@ from lightning_gspo.adapters import is_peft_model
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import EvalBatch, PromptBatch
+from lightning_gspo.decode_engine import build_engine
 from lightning_gspo.entropy_control import EntropyControl
 from lightning_gspo.evaluation import Evaluator
 from lightning_gspo.loss import micro_batch_loss, scored_rows
@@ -53,7 +54,7 @@ from lightning_gspo.policy_logprobs import fused_unsupported, per_token_logps
 from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
 from lightning_gspo.rewards import resolve_reward_funcs, score_completions
-from lightning_gspo.rollout import GenerationEngine, HFGenerate, Rollout, eos_ids, sample_completions
+from lightning_gspo.rollout import GenerationEngine, Rollout, eos_ids, sample_completions
 from lightning_gspo.run_state import RunState
 
 # Checkpoints hold the state after the optimizer step together with the rollout and RNG that follow it, which is
@@ -67,7 +68,8 @@ class GSPOModule(L.LightningModule):
     reward_funcs: callables with TRL's signature, or their import paths.
     config: the algorithm config (``GSPOConfig`` or a dict of GRPOConfig field names).
     tokenizer: needed when ``model`` is a built model; loaded from the model's path otherwise.
-    engine: the ``GenerationEngine`` that samples completions; transformers' ``generate`` by default.
+    engine: the ``GenerationEngine`` that samples completions; by default the one ``config.generation_engine``
+        names.
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class GSPOModule(L.LightningModule):
         ref = frozen_copy(self.policy) if cfg.beta > 0 and not is_peft_model(self.policy) else None
         object.__setattr__(self, "ref_model", ref)
         self.eos = eos_ids(self.tokenizer, self.policy)
-        self.engine = engine or HFGenerate(self.tokenizer, cfg, self.eos)
+        self.engine = engine or build_engine(self.tokenizer, cfg, self.eos)
         self.evaluator = Evaluator(self.tokenizer, cfg, self.eos, self.reward_funcs, self.reward_names)
         self.forward_counts = {"policy": 0, "old": 0, "ref": 0}
         self.state = RunState(entropy=EntropyControl.from_config(cfg))
