@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers before per-layer cache objects: caches are not preallocated there
+    DynamicLayer = object
 
 from lightning_gspo.rollout import GenerationEngine, HFGenerate
 from lightning_gspo.sampling import SamplingSettings, next_tokens, seen_tokens
@@ -75,6 +81,8 @@ class CachedGenerate(GenerationEngine):
     shared_prefill: prefill each distinct prompt once for its group.
     compact_fraction: with ``early_exit``, compact once at least this share of the rows in the batch has finished
         (0: at every step where a row finished).
+    preallocate: hold full-attention layers' keys and values in buffers of the final length, written in place
+        (``PreallocatedLayer``), instead of transformers' dynamic layers, which copy the whole cache every step.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class CachedGenerate(GenerationEngine):
         early_exit: bool = True,
         shared_prefill: bool = True,
         compact_fraction: float = 0.0,
+        preallocate: bool = True,
     ):
         self.settings = SamplingSettings.from_config(config, greedy)
         self.max_new_tokens = int(
@@ -95,7 +104,7 @@ class CachedGenerate(GenerationEngine):
         self.pad_token_id = tokenizer.pad_token_id
         self.eos = sorted(set(eos))
         self.early_exit, self.shared_prefill = early_exit, shared_prefill
-        self.compact_fraction = compact_fraction
+        self.compact_fraction, self.preallocate = compact_fraction, preallocate
 
     @torch.no_grad()
     def generate(self, model, prompt_ids, prompt_mask, num_generations):
@@ -146,7 +155,7 @@ class CachedGenerate(GenerationEngine):
         if not self.shared_prefill:
             ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = _new_cache(model)
+        cache = _new_cache(model, ids.shape[1] + self.max_new_tokens if self.preallocate else None)
         out = model(
             input_ids=ids,
             attention_mask=mask,
@@ -187,13 +196,65 @@ class CachedGenerate(GenerationEngine):
         return out.logits[:, -1].float()
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
-
+def _new_cache(model, capacity: int | None):
+    """transformers' dynamic cache for ``model``; with ``capacity``, its full-attention layers preallocated."""
     try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # transformers before the per-layer cache types
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # transformers before the per-layer cache types: no layer to replace
         return DynamicCache()
+    if capacity is not None and hasattr(cache, "layers"):
+        cache.layers = [PreallocatedLayer(capacity) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention layer whose keys and values live in buffers of ``capacity`` positions: each step writes
+    its new position in place and attention reads the filled prefix (a view), where ``DynamicLayer``
+    concatenates, copying the whole cache at every step. Selecting or repeating rows copies the buffers."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h = key_states.shape[:2]
+        self.device = key_states.device
+        self._keys = key_states.new_empty((b, h, self.capacity, key_states.shape[-1]))
+        self._values = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(
+                f"the preallocated cache holds {self.capacity} positions; {end} were asked for."
+            )
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._expose()
 
 
 def _cache_kwarg(model) -> str:

@@ -15,11 +15,13 @@ from lightning_gspo.rollout import HFGenerate, completion_mask, tokenize_prompts
 
 PROMPTS = ["1+2=", "11+22=", "3=", "123+456+7=", "9*9="]  # different lengths: left padding of 0 to 7
 FLAGS = [
-    dict(early_exit=False, shared_prefill=False),  # the plain loop
+    dict(early_exit=False, shared_prefill=False, preallocate=False),  # the plain loop on transformers' cache
+    dict(early_exit=False, shared_prefill=False),
     dict(early_exit=True, shared_prefill=False),
     dict(early_exit=False, shared_prefill=True),
-    dict(early_exit=True, shared_prefill=True),
-    dict(early_exit=True, shared_prefill=True, compact_fraction=0.5),
+    dict(),  # the defaults: all three on
+    dict(compact_fraction=0.5),
+    dict(preallocate=False),
 ]
 
 
@@ -124,6 +126,17 @@ def test_all_rows_stopping_at_once_give_one_column(tiny):
     every = list(range(len(tiny.tok)))
     out = CachedGenerate(tiny.tok, algo(), every).generate(tiny.model, tiny.ids, tiny.mask, 2)
     assert out.shape == (2 * len(PROMPTS), 1)
+
+
+def test_the_cache_is_preallocated_and_says_when_it_is_full(tiny):
+    from lightning_gspo.decode_engine import PreallocatedLayer, _new_cache
+
+    cache = _new_cache(tiny.model, 8)
+    assert all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    with torch.no_grad():
+        tiny.model(input_ids=tiny.ids[:, :6], use_cache=True, cache=cache)
+        with pytest.raises(RuntimeError, match="holds 8 positions; 9 were asked for"):
+            tiny.model(input_ids=tiny.ids[:, :3], use_cache=True, cache=cache)
 
 
 def test_the_policy_keeps_its_training_mode(tiny):
