@@ -107,6 +107,38 @@ def test_early_exit_and_shared_prefill_change_no_completion(tiny, settings, pad_
     assert outs[0].shape[1] == max(n)
 
 
+def homogeneous(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Chi-square statistic of two equally sized samples of categories coming from one distribution, and its 0.999
+    quantile (Wilson-Hilferty); categories seen fewer than 10 times in all are pooled."""
+    values, counts = torch.unique(torch.cat([a, b]), return_counts=True)
+    rare = values[counts < 10]
+    a, b = (torch.where(torch.isin(x, rare), -1, x) for x in (a, b))
+    cats = torch.unique(torch.cat([a, b]))
+    ca = torch.stack([(a == c).sum() for c in cats]).double()
+    cb = torch.stack([(b == c).sum() for c in cats]).double()
+    expected = (ca + cb) / 2
+    stat = float((((ca - expected) ** 2 + (cb - expected) ** 2) / expected).sum())
+    df = len(cats) - 1
+    return stat, df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampled_tokens_follow_hf_generates_distribution(tiny):
+    """Thousands of completions of a padded and an unpadded prompt from each engine: the first three tokens (the
+    prefill's logits, then decode steps with the penalty and filters) are equally distributed."""
+    eos = eos_sets(tiny.tok)["digits"]
+    cfg = algo(temperature=0.8, top_p=0.95, repetition_penalty=1.3, max_completion_length=3)
+    ids, mask, n = tiny.ids[[0, 3]], tiny.mask[[0, 3]], 2000
+    torch.manual_seed(0)
+    hf = HFGenerate(tiny.tok, cfg, eos).generate(tiny.model, ids, mask, n)
+    torch.manual_seed(1)
+    ours = CachedGenerate(tiny.tok, cfg, eos).generate(tiny.model, ids, mask, n)
+    assert hf.shape == ours.shape == (2 * n, 3)
+    prompt = torch.arange(2).repeat_interleave(n) * 1000  # one category per prompt and token (pad after EOS)
+    for step in range(3):
+        stat, limit = homogeneous(prompt + hf[:, step], prompt + ours[:, step])
+        assert stat < limit, (step, stat, limit)
+
+
 def test_output_format_is_hf_generates(tiny):
     """Shape, dtype and the padding after EOS as HFGenerate gives them, so completion masks work unchanged."""
     eos, cfg = eos_sets(tiny.tok)["digits"], algo(num_generations=4, max_completion_length=6)
