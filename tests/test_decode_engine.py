@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
     cfg = ModelConfig(name_or_path=str(path))
     model, tok = load_causal_lm(cfg), load_tokenizer(cfg)
     ids, mask, _ = tokenize_prompts(PROMPTS, tok, None)
-    return SimpleNamespace(model=model, tok=tok, ids=ids, mask=mask)
+    return SimpleNamespace(path=str(path), model=model, tok=tok, ids=ids, mask=mask)
 
 
 def ids_of(tok, chars: str) -> list[int]:
@@ -169,6 +169,17 @@ def test_the_cache_is_preallocated_and_says_when_it_is_full(tiny):
         tiny.model(input_ids=tiny.ids[:, :6], use_cache=True, cache=cache)
         with pytest.raises(RuntimeError, match="holds 8 positions; 9 were asked for"):
             tiny.model(input_ids=tiny.ids[:, :3], use_cache=True, cache=cache)
+
+
+def test_a_lora_policy_decodes_as_generate_does(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(load_causal_lm(ModelConfig(name_or_path=tiny.path)), lora)
+    eos, cfg = eos_sets(tiny.tok)["digits"], algo()
+    hf = HFGenerate(tiny.tok, cfg, eos, greedy=True).generate(model, tiny.ids, tiny.mask, 2)
+    ours = CachedGenerate(tiny.tok, cfg, eos, greedy=True).generate(model, tiny.ids, tiny.mask, 2)
+    assert torch.equal(ours, hf)
 
 
 def test_the_policy_keeps_its_training_mode(tiny):
