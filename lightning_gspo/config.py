@@ -19,10 +19,17 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lightning_gspo.config_checks import LOGPROB_IMPLS, OPTIMIZERS, SCALE_REWARDS, SCHEDULERS, validate
+from lightning_gspo.config_checks import (
+    GENERATION_ENGINES,
+    LOGPROB_IMPLS,
+    OPTIMIZERS,
+    SCALE_REWARDS,
+    SCHEDULERS,
+    validate,
+)
 from lightning_gspo.trl_compat import carry_over
 
-__all__ = ["GSPOConfig", "LOGPROB_IMPLS", "OPTIMIZERS", "SCALE_REWARDS", "SCHEDULERS"]
+__all__ = ["GSPOConfig", "GENERATION_ENGINES", "LOGPROB_IMPLS", "OPTIMIZERS", "SCALE_REWARDS", "SCHEDULERS"]
 
 
 @dataclass
@@ -131,7 +138,12 @@ class GSPOConfig:
     repetition_penalty: float = 1.0
     """Hugging Face generate's repetition penalty; 1.0 disables."""
     generation_kwargs: dict[str, Any] | None = None
-    """Extra keyword arguments for ``model.generate``; they override the fields above."""
+    """Extra keyword arguments for ``model.generate``; they override the fields above. With
+    generation_engine='cached' only the sampling fields above and max_new_tokens may be given."""
+    generation_engine: str = "hf"
+    """What samples the completions: 'hf' (transformers' ``generate``, the reference) or 'cached'
+    (``lightning_gspo.decode_engine``: the same sampling distribution, each prompt prefilled once for its group,
+    finished completions leaving the batch). Both give completions in the same format."""
 
     # ---- optimization (TrainingArguments' names) ----
     learning_rate: float = 1e-6

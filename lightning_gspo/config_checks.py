@@ -24,6 +24,9 @@ SCALE_REWARDS = ("group", "batch", "none")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LOGPROB_IMPLS = ("fused", "materialized")
+GENERATION_ENGINES = ("hf", "cached")
+# generation_kwargs the cached engine honours: the sampling fields it overrides, and the length.
+CACHED_ENGINE_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 def validate(cfg: GSPOConfig) -> None:
@@ -119,6 +122,14 @@ def _validate_sampling(cfg: GSPOConfig) -> None:
         raise ValueError(f"min_p={cfg.min_p} must be in [0, 1] or None.")
     if cfg.repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty={cfg.repetition_penalty} must be > 0 (1.0 disables it).")
+    _one_of("generation_engine", cfg.generation_engine, GENERATION_ENGINES)
+    other = sorted(set(cfg.generation_kwargs or {}) - set(CACHED_ENGINE_KWARGS))
+    if cfg.generation_engine == "cached" and other:
+        raise ValueError(
+            f"generation_kwargs {', '.join(map(repr, other))} are for transformers' generate; "
+            f"generation_engine='cached' takes only {', '.join(CACHED_ENGINE_KWARGS)}. Use generation_engine='hf' "
+            "for the others."
+        )
 
 
 def _validate_optimizer(cfg: GSPOConfig) -> None:

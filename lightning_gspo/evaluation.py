@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from lightning_gspo.data import EvalBatch
+from lightning_gspo.decode_engine import build_engine
 from lightning_gspo.rewards import score_completions
-from lightning_gspo.rollout import HFGenerate, Rollout, sample_completions
+from lightning_gspo.rollout import Rollout, sample_completions
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -81,8 +82,8 @@ class Evaluator:
             )
         self.success_index = self.reward_names.index(name)
         self.weights = torch.tensor(config.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
-        self.greedy = HFGenerate(tokenizer, config, eos, greedy=True)
-        self.sampled = HFGenerate(tokenizer, config, eos)
+        self.greedy = build_engine(tokenizer, config, eos, greedy=True)
+        self.sampled = build_engine(tokenizer, config, eos)
         self.totals = EvalTotals()
 
     @property

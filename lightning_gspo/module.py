@@ -39,6 +39,7 @@ from lightning_gspo.adapters import is_peft_model
 from lightning_gspo.advantages import group_advantages
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import PromptBatch
+from lightning_gspo.decode_engine import build_engine
 from lightning_gspo.entropy_control import EntropyControl
 from lightning_gspo.evaluation import Evaluator
 from lightning_gspo.evaluation_hooks import EvaluationHooks
@@ -56,7 +57,7 @@ from lightning_gspo.policy_logprobs import fused_unsupported, per_token_logps
 from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
 from lightning_gspo.rewards import resolve_reward_funcs, reward_func_settings
-from lightning_gspo.rollout import GenerationEngine, HFGenerate, Rollout, eos_ids
+from lightning_gspo.rollout import GenerationEngine, Rollout, eos_ids
 from lightning_gspo.run_state import RunState
 from lightning_gspo.scored_sampling import ScoredSampler
 
@@ -72,7 +73,8 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         built sequence classifier, a ``RewardModel``); see ``lightning_gspo.rewards.resolve_reward_funcs``.
     config: the algorithm config (``GSPOConfig`` or a dict of GRPOConfig field names).
     tokenizer: needed when ``model`` is a built model; loaded from the model's path otherwise.
-    engine: the ``GenerationEngine`` that samples completions; transformers' ``generate`` by default.
+    engine: the ``GenerationEngine`` that samples completions; by default the one ``config.generation_engine``
+        names.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         ref = frozen_copy(self.policy) if cfg.beta > 0 and not is_peft_model(self.policy) else None
         object.__setattr__(self, "ref_model", ref)
         self.eos = eos_ids(self.tokenizer, self.policy)
-        engine = engine or HFGenerate(self.tokenizer, cfg, self.eos)
+        engine = engine or build_engine(self.tokenizer, cfg, self.eos)
         self.sampler = ScoredSampler(
             self.tokenizer, cfg, engine, self.eos, self.reward_funcs, self.reward_names
         )

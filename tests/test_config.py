@@ -169,6 +169,8 @@ def test_scale_rewards_bool_is_trl_compatible():
         (dict(reward_weights=[]), "reward_weights"),
         (dict(backend="cuda"), "backend"),
         (dict(logprobs_impl="dense"), "logprobs_impl"),
+        (dict(generation_engine="vllm"), "generation_engine"),
+        (dict(generation_engine="cached", generation_kwargs={"num_beams": 2}), "num_beams"),
         (dict(loss_type="cispo_"), "loss_type"),
         (dict(top_entropy_quantile=-0.1), "top_entropy_quantile"),
         (dict(top_entropy_quantile=1.2), "top_entropy_quantile"),
