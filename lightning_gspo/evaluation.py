@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from lightning_gspo.data import EvalBatch
 from lightning_gspo.decode_engine import build_engine
-from lightning_gspo.rewards import score_completions
-from lightning_gspo.rollout import Rollout, sample_completions
+from lightning_gspo.rollout import sample_completions
+from lightning_gspo.scored_sampling import score_rollout
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -103,14 +102,6 @@ class Evaluator:
             if self.k > 0:
                 self._add_sampled(policy, batch, device)
 
-    def _score(self, r: Rollout, records: list[dict[str, Any]], g: int) -> torch.Tensor:
-        ids = [row[m].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
-        columns = {k: [rec[k] for rec in records for _ in range(g)] for k in records[0] if k != "prompt"}
-        scores = score_completions(
-            self.reward_funcs, self.reward_names, r.texts["prompts"], r.texts["completions"], ids, columns
-        )
-        return torch.tensor(scores, dtype=torch.float32)  # (B, R), NaN where a function gave None
-
     def _add_reward(self, key: str, scores: torch.Tensor, w: float) -> None:
         """The weighted reward as training computes it: a sample no function scored is left out."""
         scored = ~scores.isnan().all(1)
@@ -121,7 +112,11 @@ class Evaluator:
         r = sample_completions(
             policy, self.tokenizer, batch.records, self.config, self.greedy, self.eos, device, 1
         )
-        scores, w, t = self._score(r, batch.records, 1), batch.weight, self.totals
+        scores, w, t = (
+            score_rollout(self.reward_funcs, self.reward_names, r, batch.records, 1),
+            batch.weight,
+            self.totals,
+        )
         for j, name in enumerate(self.reward_names):
             scored = ~scores[:, j].isnan()
             t.add(f"rewards/{name}/mean", w * scores[scored, j].sum())
@@ -140,7 +135,7 @@ class Evaluator:
         r = sample_completions(
             policy, self.tokenizer, batch.records, self.config, self.sampled, self.eos, device, k
         )
-        scores = self._score(r, batch.records, k)
+        scores = score_rollout(self.reward_funcs, self.reward_names, r, batch.records, k)
         self._add_reward("sampled/reward", scores, w)
         success = scores[:, self.success_index] >= self.config.eval_success_threshold  # NaN: not a success
         correct = success.view(len(batch.records), k).sum(1).tolist()

@@ -18,6 +18,20 @@ from lightning_gspo.rewards.reward_model import RewardModel
 from lightning_gspo.rollout import GenerationEngine, Rollout, sample_completions
 
 
+def score_rollout(
+    reward_funcs, reward_names, r: Rollout, records: list[dict[str, Any]], num_generations: int
+) -> torch.Tensor:
+    """(B, R) float32 rewards of a rollout's completions, NaN where a function returned None; ``records`` are
+    the prompts' dataset rows, whose other columns reach the reward functions once per completion."""
+    ids = [row[m].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+    g = num_generations
+    columns = {k: [rec[k] for rec in records for _ in range(g)] for k in records[0] if k != "prompt"}
+    texts = r.texts["prompts"], r.texts["completions"]
+    return torch.tensor(
+        score_completions(reward_funcs, reward_names, *texts, ids, columns), dtype=torch.float32
+    )
+
+
 class ScoredSampler:
     """Samples ``num_generations`` completions per prompt record with ``engine`` and scores them."""
 
@@ -46,13 +60,9 @@ class ScoredSampler:
         self, policy, records: list[dict[str, Any]], device: torch.device
     ) -> tuple[Rollout, torch.Tensor]:
         """Completions of ``records``' prompts and their (B, R) rewards, NaN where a function returned None."""
-        g = self.config.num_generations
         r = sample_completions(policy, self.tokenizer, records, self.config, self.engine, self.eos, device)
-        ids = [row[m].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
-        columns = {k: [rec[k] for rec in records for _ in range(g)] for k in records[0] if k != "prompt"}
-        texts = r.texts["prompts"], r.texts["completions"]
-        scores = score_completions(self.reward_funcs, self.reward_names, *texts, ids, columns)
-        return r, torch.tensor(scores, dtype=torch.float32, device=device)
+        scores = score_rollout(self.reward_funcs, self.reward_names, r, records, self.config.num_generations)
+        return r, scores.to(device)
 
     def generation_batch(
         self,
