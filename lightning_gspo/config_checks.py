@@ -24,7 +24,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LOGPROB_IMPLS = ("fused", "materialized")
-GENERATION_ENGINES = ("hf", "cached")
+GENERATION_ENGINES = ("auto", "hf", "cached")
 # generation_kwargs the cached engine honours: the sampling fields it overrides, and the length.
 CACHED_ENGINE_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 

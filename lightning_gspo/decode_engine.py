@@ -36,15 +36,23 @@ try:
 except ImportError:  # transformers before per-layer cache objects: caches are not preallocated there
     DynamicLayer = object
 
+from lightning_gspo.config_checks import CACHED_ENGINE_KWARGS
 from lightning_gspo.rollout import GenerationEngine, HFGenerate
 from lightning_gspo.sampling import SamplingSettings, next_tokens, seen_tokens
 
-ENGINES = ("hf", "cached")
+
+def engine_name(config) -> str:
+    """'hf' or 'cached': what ``config.generation_engine`` means (see ``GSPOConfig.generation_engine``)."""
+    name = getattr(config, "generation_engine", "hf")
+    if name != "auto":
+        return name
+    other = set(getattr(config, "generation_kwargs", None) or {}) - set(CACHED_ENGINE_KWARGS)
+    return "hf" if other else "cached"
 
 
 def build_engine(tokenizer, config, eos: list[int], greedy: bool = False) -> GenerationEngine:
     """The engine ``config.generation_engine`` names, with the config's sampling settings (or greedy)."""
-    if getattr(config, "generation_engine", "hf") == "cached":
+    if engine_name(config) == "cached":
         return CachedGenerate(tokenizer, config, eos, greedy=greedy)
     return HFGenerate(tokenizer, config, eos, greedy=greedy)
 

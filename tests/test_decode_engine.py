@@ -9,7 +9,7 @@ import torch
 from helpers import module_and_data, trainer
 
 from lightning_gspo.config import GSPOConfig
-from lightning_gspo.decode_engine import CachedGenerate, build_engine
+from lightning_gspo.decode_engine import CachedGenerate, build_engine, engine_name
 from lightning_gspo.models import ModelConfig, load_causal_lm, load_tokenizer
 from lightning_gspo.rollout import HFGenerate, completion_mask, tokenize_prompts
 
@@ -194,9 +194,14 @@ def test_the_policy_keeps_its_training_mode(tiny):
 
 def test_the_config_chooses_the_engine():
     tok = SimpleNamespace(pad_token_id=0)
-    assert type(build_engine(tok, algo(), [1])) is HFGenerate
+    assert type(build_engine(tok, algo(), [1])) is CachedGenerate  # 'auto'
+    assert type(build_engine(tok, algo(generation_engine="hf"), [1])) is HFGenerate
+    # 'auto' leaves for generate what only generate does, and keeps the cached engine for what it honours
+    beams = algo(generation_kwargs={"num_beams": 2})
+    assert engine_name(beams) == "hf" and type(build_engine(tok, beams, [1])) is HFGenerate
+    assert engine_name(algo(generation_kwargs={"top_k": 3, "max_new_tokens": 2})) == "cached"
     assert type(build_engine(tok, algo(generation_engine="cached"), [1], greedy=True)) is CachedGenerate
-    with pytest.raises(ValueError, match="generation_engine='vllm' is not one of 'hf', 'cached'"):
+    with pytest.raises(ValueError, match="generation_engine='vllm' is not one of 'auto', 'hf', 'cached'"):
         algo(generation_engine="vllm")
     with pytest.raises(ValueError, match="'num_beams' are for transformers' generate"):
         algo(generation_engine="cached", generation_kwargs={"num_beams": 2, "top_k": 3})
