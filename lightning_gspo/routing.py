@@ -56,9 +56,9 @@ WeightsFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor
 
 def _softmax_at(router, logits, experts):
     """Qwen2/Qwen3-MoE, OLMoE: softmax over all experts (float32), renormalised over the chosen when
-    ``norm_topk_prob``, in the logits' dtype."""
+    ``norm_topk_prob`` (Qwen3-VL-MoE has no such switch and always renormalises), in the logits' dtype."""
     w = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, experts)
-    if router.norm_topk_prob:
+    if getattr(router, "norm_topk_prob", True):
         w = w / w.sum(dim=-1, keepdim=True)
     return w.to(logits.dtype)
 
@@ -204,6 +204,11 @@ def backbone_call(
         yield
         return
     session = _ACTIVE[-1]
+    if attention_mask.shape[0] != session.row_map.shape[0]:
+        raise RuntimeError(
+            f"a forward over {attention_mask.shape[0]} rows in a routing session for "
+            f"{session.row_map.shape[0]}: pass the rows it computes to RoutingTracer.session."
+        )
     real = attention_mask.bool()
     ordinal = attention_mask.long().cumsum(1) - 1
     all_rows = torch.arange(real.shape[0], device=real.device)
