@@ -299,10 +299,13 @@ def _run(path, out, max_steps, ckpt_path=None, every=None, **overrides):
     return module, logged(out)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_training_with_replay_logs_the_flip_rate_and_learns(moe_dirs, tmp_path, family):
+@pytest.mark.parametrize("family, beta", [("qwen3_moe", 0.04), ("gpt_oss", 0.0)])
+def test_training_with_replay_logs_the_flip_rate_and_learns(moe_dirs, tmp_path, family, beta):
     start = {k: v.clone() for k, v in _load(moe_dirs[family]).state_dict().items()}
-    module, rows = _run(moe_dirs[family], tmp_path, max_steps=4, routing_replay=True)
+    module, rows = _run(moe_dirs[family], tmp_path, max_steps=4, routing_replay=True, beta=beta)
+    if beta:  # the reference copy was made before the hooks: its routers run untouched
+        assert all(not r._forward_hooks for _, r in find_routers(module.ref_model)[0])
+        assert all(r["kl"] for r in rows if r.get("loss"))
     rates = [float(r["routing/expert_flip_rate"]) for r in rows if r.get("routing/expert_flip_rate")]
     assert rates and all(0 <= x <= 1 for x in rates)
     changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, start[k])]
