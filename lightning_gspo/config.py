@@ -96,6 +96,11 @@ class GSPOConfig:
     logprobs_impl: str = "fused"
     """Per-token log-probs: 'fused' (hidden states x head, never holding the (N, V) logits) or 'materialized'
     (the model's own logits, then log_softmax; for comparison and exotic heads)."""
+    routing_replay: bool = False
+    """Mixture-of-experts policies: reuse, in the later passes over a generation batch, the experts each token
+    was routed to when the old log-probs were computed (Routing Replay, R3), with gating weights from the current
+    router at those experts, so token ratios do not jump when an update flips a token's experts. Off-policy
+    only; lightning_gspo.routing says which routers it knows. routing/expert_flip_rate is logged either way."""
 
     # ---- groups, rewards, advantages ----
     num_generations: int = 8

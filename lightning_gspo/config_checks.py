@@ -5,6 +5,7 @@ Kept apart from ``config.py`` (the fields, their defaults and conversions) so ea
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_gspo.kernels.policy_loss import (
@@ -58,6 +59,7 @@ def validate(cfg: GSPOConfig) -> None:
     _validate_loss(cfg)
     _validate_batches(cfg)
     _validate_sampling(cfg)
+    _validate_routing(cfg)
     _validate_optimizer(cfg)
 
 
@@ -129,6 +131,19 @@ def _validate_sampling(cfg: GSPOConfig) -> None:
             f"generation_kwargs {', '.join(map(repr, other))} are for transformers' generate; "
             f"generation_engine='cached' takes only {', '.join(CACHED_ENGINE_KWARGS)}. Use generation_engine='hf' "
             "for the others."
+        )
+
+
+def _validate_routing(cfg: GSPOConfig) -> None:
+    if not isinstance(cfg.routing_replay, bool):
+        raise ValueError(f"routing_replay={cfg.routing_replay!r} must be true or false.")
+    if cfg.routing_replay and not cfg.is_off_policy:
+        warnings.warn(
+            "routing_replay=True does nothing on-policy (num_iterations=1 and one optimizer step per generation "
+            "batch): no old log-probs are computed, so no routing is recorded. Set num_iterations >= 2 (or "
+            "steps_per_generation above gradient_accumulation_steps), or routing_replay=false.",
+            UserWarning,
+            stacklevel=4,
         )
 
 

@@ -15,6 +15,9 @@ hooks are in ``evaluation_hooks.py``.
   gradient_accumulation_steps``) and the policy has no active dropout, the log-probs that pass computes with
   gradients *are* the old log-probs, bit for bit: they are kept from it instead of a separate no-grad pass.
   Otherwise (more micro-batches per generation than per optimizer step, or dropout) the separate pass runs.
+- A mixture-of-experts policy's routing is recorded where the old log-probs are computed (the no-grad pass, or
+  the first pass when it stands in for it) and compared with, or replayed in, the later passes
+  (``routing.py``; ``routing/expert_flip_rate``, ``routing_replay``). The recording lives in the rollout.
 - The reference model exists only when ``beta > 0``, and never enters the checkpoint or the optimizer. Nor do
   reward models (``rewards.reward_model``): frozen, outside the module's registry, moved to its device here.
 - With ``beta = 0`` zero-advantage completions skip the forward and backward (``loss.py`` says how the loss
@@ -28,6 +31,7 @@ hooks are in ``evaluation_hooks.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -58,6 +62,7 @@ from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
 from lightning_gspo.rewards import resolve_reward_funcs, reward_func_settings
 from lightning_gspo.rollout import GenerationEngine, Rollout, eos_ids
+from lightning_gspo.routing import routing_tracer
 from lightning_gspo.run_state import RunState
 from lightning_gspo.scored_sampling import ScoredSampler
 
@@ -109,6 +114,8 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         # LoRA it is the policy with its adapters disabled (see _logps): no second copy of the weights.
         ref = frozen_copy(self.policy) if cfg.beta > 0 and not is_peft_model(self.policy) else None
         object.__setattr__(self, "ref_model", ref)
+        # After the reference copy, which must not carry the policy's routing hooks.
+        self.routing = routing_tracer(self.policy, cfg.routing_replay)
         self.eos = eos_ids(self.tokenizer, self.policy)
         engine = engine or build_engine(self.tokenizer, cfg, self.eos)
         self.sampler = ScoredSampler(
@@ -188,6 +195,8 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         r.num_items = self.trainer.strategy.reduce(r.completion_mask.sum().float(), reduce_op="sum")
         self.state.old_from_first_pass = False
         if cfg.is_off_policy or self.spg > cfg.gradient_accumulation_steps:
+            if self.routing is not None:  # filled where the old log-probs are computed
+                r.routes = self.routing.empty_routes(r.model_inputs()["attention_mask"])
             if self._first_pass_is_on_policy():
                 # Filled row by row by the first pass (see training_step); rows it leaves out for a zero
                 # advantage are left out of every pass, so they are never read.
@@ -249,8 +258,18 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
                     with self.policy.disable_adapter():
                         return per_token_logps(self.policy, *args)
                 return per_token_logps(self.ref_model, *args)
-        with torch.set_grad_enabled(which == "policy"):
+        recording = self._routing(r, record=True) if which == "old" else contextlib.nullcontext()
+        with torch.set_grad_enabled(which == "policy"), recording:
             return per_token_logps(self.policy, *args)
+
+    def _routing(self, r: Rollout, record: bool, rows: torch.Tensor | None = None):
+        """The routing session of a forward over micro-batch ``r`` (its ``rows``): recording the experts of the
+        old policy, or comparing the current router's with them (replaying them with ``routing_replay``); none
+        when the rollout has no recording (lightning_gspo.routing)."""
+        if self.routing is None or r.routes is None:
+            return contextlib.nullcontext()
+        mode = "record" if record else "replay" if self.config.routing_replay else "compare"
+        return self.routing.session(mode, r.routes, rows)
 
     # ---- the loss and the optimizer ----
     def _micro_loss(self, r: Rollout, record_old: bool = False) -> torch.Tensor:
@@ -258,16 +277,19 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         rows = scored_rows(r, self.config)
         if rows[1] == 0 and world == 1:  # nothing to learn, and no other rank to line up with
             return torch.zeros((), device=self.device)
-        loss, metrics = micro_batch_loss(
-            r,
-            self.config,
-            lambda s: self._logps(s, "policy", entropy=True),
-            world_size=world,
-            steps_per_generation=self.spg,
-            record_old=record_old,
-            rows=rows,
-            entropy_control=self.state.entropy,
-        )
+        with self._routing(r, record_old, rows[0]) as routed:
+            loss, metrics = micro_batch_loss(
+                r,
+                self.config,
+                lambda s: self._logps(s, "policy", entropy=True),
+                world_size=world,
+                steps_per_generation=self.spg,
+                record_old=record_old,
+                rows=rows,
+                entropy_control=self.state.entropy,
+            )
+        if routed is not None and routed.flip_rate is not None:
+            metrics["routing/expert_flip_rate"] = float(routed.flip_rate)
         self.manual_backward(loss)
         self.state.window.add(reduce_mean(metrics, self.trainer.strategy))
         return loss.detach()

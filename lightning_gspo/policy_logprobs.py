@@ -16,6 +16,8 @@ Choices, and why:
   forward), and gradient checkpointing (which turns the cache off in training), take the whole sequences.
 - A tied embedding adds its few gradient rows straight into the head's gradient instead of a second dense
   vocabulary-sized gradient (one process; see ``_tied_embeddings``).
+- Each backbone call declares which tokens of the micro-batch it runs (``routing.backbone_call``), so a
+  mixture-of-experts policy's routing can be recorded and replayed per token whatever the layout.
 - The materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
   scaled logits).
 """
@@ -28,6 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from lightning_gspo.kernels import selective_logprobs
+from lightning_gspo.routing import backbone_call
 
 
 def _unwrap(model):
@@ -77,14 +80,15 @@ def per_token_logps(
         hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra)
         entropy = (compute_entropy or entropy_grad, entropy_grad)
         return _fused_logps(hidden, head, input_ids[:, -c:], completion_mask, temperature, *entropy)
-    out = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        logits_to_keep=c,
-        use_cache=False,
-        **extra,
-    )
+    with backbone_call(attention_mask, 0, input_ids.shape[1] - 1):
+        out = model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            logits_to_keep=c,
+            use_cache=False,
+            **extra,
+        )
     entropy = (compute_entropy or entropy_grad, entropy_grad)
     return _materialized_logps(out.logits[:, -c:], input_ids[:, -c:], completion_mask, temperature, *entropy)
 
@@ -100,13 +104,14 @@ def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, e
     if not extra:  # the shared-prompt forward knows token inputs only
         hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c, embeds)
     if hidden is None:
-        hidden = backbone(
-            **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
-            use_cache=False,
-            **extra,
-        ).last_hidden_state[:, -c:]
+        with backbone_call(attention_mask, 0, input_ids.shape[1] - 1):
+            hidden = backbone(
+                **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, :-1],
+                use_cache=False,
+                **extra,
+            ).last_hidden_state[:, -c:]
     return hidden, head
 
 
@@ -216,12 +221,13 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     # Embedded once, so the embedding's (possibly dense, vocabulary-sized) gradient is formed once.
     if embeds is None:  # the last token predicts nothing we score
         embeds = backbone.get_input_embeddings()(input_ids[:, :-1])
-    prompt = backbone(
-        inputs_embeds=embeds[first, :p],
-        attention_mask=attention_mask[first, :p],
-        position_ids=position_ids[first, :p],
-        use_cache=True,
-    )
+    with backbone_call(attention_mask, 0, p, rows=first, shares=row_run):  # a group's prompt routes once
+        prompt = backbone(
+            inputs_embeds=embeds[first, :p],
+            attention_mask=attention_mask[first, :p],
+            position_ids=position_ids[first, :p],
+            use_cache=True,
+        )
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
     if not _plain_layers(getattr(cache, "layers", None)):
         # A model that builds a cache of its own kind, which its config did not show: the prompt pass is lost.
@@ -230,13 +236,14 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     if c == 1:
         return last_prompt
     cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
-    completion = backbone(
-        inputs_embeds=embeds[:, p:],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, p:-1],
-        use_cache=True,
-        **{cache_arg: cache},
-    )
+    with backbone_call(attention_mask, p, input_ids.shape[1] - 1):
+        completion = backbone(
+            inputs_embeds=embeds[:, p:],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, p:-1],
+            use_cache=True,
+            **{cache_arg: cache},
+        )
     return torch.cat([last_prompt, completion.last_hidden_state], 1)
 
 

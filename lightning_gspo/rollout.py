@@ -40,6 +40,7 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B,)
     old_logps: torch.Tensor | None = None  # (B, C) when off-policy
     ref_logps: torch.Tensor | None = None  # (B, C) when beta > 0
+    routes: torch.Tensor | None = None  # (B, W, L, k) int16 experts per real token and router (routing.py)
     num_items: torch.Tensor | None = None  # () scored tokens of the generation batch over all ranks
     texts: dict[str, list[Any]] = field(default_factory=dict)  # prompts, completions: for rewards and logs
 
