@@ -46,7 +46,7 @@ ARMS = [(algo, replay) for algo in ("grpo", "gspo") for replay in (False, True)]
 METRICS = {
     "accuracy": "eval/rewards/correctness_reward/mean",
     "clip": "clip_ratio/region_mean",
-    "flip": "routing/expert_flip_rate",
+    "flip": "routing/router_flip_rate",  # the drift, also under replay (which makes expert_flip_rate 0)
     "reward": "reward",
 }
 

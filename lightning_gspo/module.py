@@ -290,6 +290,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
             )
         if routed is not None and routed.flip_rate is not None:
             metrics["routing/expert_flip_rate"] = float(routed.flip_rate)
+            metrics["routing/router_flip_rate"] = float(routed.router_flip_rate)
         self.manual_backward(loss)
         self.state.window.add(reduce_mean(metrics, self.trainer.strategy))
         return loss.detach()

@@ -31,10 +31,11 @@ Choices, and why:
   group's prompt once; its routing is recorded for every row of the group and read back from the group's first
   row, and the flip rate counts that prompt once. The last token of a sequence is never forwarded (it predicts
   nothing scored) and is never recorded.
-- ``routing/expert_flip_rate`` is the share of (token, layer) choices whose top-k *set* differs between the
-  recording and the router's own choice in a later pass. Under replay the experts used are the recorded ones;
-  the metric still reports the router's own choice, i.e. how much replay overrides. It costs an integer top-k
-  comparison per router call, with no extra forward.
+- ``routing/expert_flip_rate`` is the share of (token, layer) choices whose top-k *set* of experts used in a
+  later pass differs from the recording: the drift the update caused, and exactly 0 under replay, which uses the
+  recorded experts. ``routing/router_flip_rate`` compares the router's own choice instead: the same number
+  without replay, and under replay how much of the drift replay overrides (the number to compare across runs).
+  Both cost an integer top-k comparison per router call, with no extra forward.
 - ``policy_logprobs`` declares the token layout of each backbone call (``backbone_call``); a router that runs
   inside a session without one raises, rather than guessing which tokens it saw. Gradient checkpointing
   re-runs each layer during backward, outside any session: a replaying session leaves each router's forced
@@ -179,11 +180,15 @@ class _Session:
     routes: torch.Tensor  # (R, W, L, k) int16: the rollout rows' recordings (a view when recording)
     row_map: torch.Tensor  # (B,) the routes row of each row of the forward
     layout: _Layout | None = None
-    flips: list[torch.Tensor] = field(default_factory=list)
+    flips: list[torch.Tensor] = field(default_factory=list)  # experts used differ from the recording
+    router_flips: list[torch.Tensor] = field(default_factory=list)  # the router's own choice differs
     tokens: list[torch.Tensor] = field(default_factory=list)
     missing: list[torch.Tensor] = field(default_factory=list)
     flip_rate: torch.Tensor | None = None
-    """Set when a comparing or replaying session ends: flipped (token, layer) choices / compared (0-dim)."""
+    """Set when a comparing or replaying session ends: (token, layer) choices whose experts used differ from
+    the recording / compared (0-dim)."""
+    router_flip_rate: torch.Tensor | None = None
+    """The same for the router's own choice (equal to ``flip_rate`` without replay)."""
 
 
 _ACTIVE: list[_Session] = []  # the session in progress, at most one
@@ -283,6 +288,7 @@ class RoutingTracer:
         if session.tokens:
             total = torch.stack(session.tokens).sum()
             session.flip_rate = torch.stack(session.flips).sum() / total.clamp(min=1)
+            session.router_flip_rate = torch.stack(session.router_flips).sum() / total.clamp(min=1)
 
     def _hook_for(self, layer: int, weights_fn: WeightsFn):
         def hook(module, args, output):
@@ -326,15 +332,18 @@ def _route(session: _Session, layer: int, module, logits, experts, weights_fn):
     rows = session.row_map[lay.read_rows][:, None].expand_as(keep)[keep]
     recorded = session.routes[rows, lay.read_ord[keep], layer].long()  # (n, k)
     mine = own[keep]
-    differs = (mine.sort(-1).values != recorded.sort(-1).values).any(-1)
-    session.flips.append(differs.sum())
+    recorded_set = recorded.sort(-1).values
+    differs = (mine.sort(-1).values != recorded_set).any(-1)
+    session.router_flips.append(differs.sum())
     session.tokens.append(torch.tensor(differs.numel(), device=differs.device))
     if session.mode == "compare":
+        session.flips.append(differs.sum())
         return None
     absent = (recorded < 0).any(-1)
     session.missing.append(absent.sum())
     forced = own.clone()
     forced[keep] = torch.where(absent[:, None], mine, recorded).to(forced.dtype)
+    session.flips.append((forced[keep].long().sort(-1).values != recorded_set).any(-1).sum())
     forced = forced.view_as(experts)
     session.tracer._pending[layer] = (experts.shape[0], forced)  # for a re-run by gradient checkpointing
     return logits, weights_fn(module, logits, forced), forced

@@ -182,7 +182,7 @@ def test_replay_forces_the_recorded_experts_after_the_router_moves(moe_dirs, fam
     used, _ = _experts_used(model)
     with tracer.session("replay", routes) as s:
         per_token_logps(model, inputs, cmask, 1.0)[0].sum().backward()
-    assert s.flip_rate > 0  # the router would have chosen differently...
+    assert s.router_flip_rate > 0 and s.flip_rate.item() == 0  # the router would have chosen differently...
     keep = inputs["attention_mask"][:, :-1].bool()
     for layer, experts in enumerate(used):  # ...but the recorded experts ran
         mine = experts.view(*keep.shape, -1)[keep].sort(-1).values
@@ -229,6 +229,7 @@ def test_logged_flip_rate_is_a_recount_by_hand(moe_dirs, family):
         module._logps(r.rows(rows), "policy", entropy=False)
     expected = sum(int((a != b).any(-1)[rows][keep[rows]].sum()) for a, b in zip(after, before))
     assert s.flip_rate.item() == pytest.approx(expected / (int(keep[rows].sum()) * len(before)))
+    assert s.router_flip_rate.item() == s.flip_rate.item()  # without replay the router's choice is used
 
 
 # ---- replay through gradient checkpointing and the shared-prompt forward ----
@@ -248,7 +249,7 @@ def test_replay_survives_gradient_checkpointing(moe_dirs, family):
         with tracer.session("replay", routes) as s:
             logps = per_token_logps(model, inputs, cmask, 1.0)[0]
         logps.sum().backward()
-        assert s.flip_rate > 0
+        assert s.router_flip_rate > 0 and s.flip_rate.item() == 0
         results.append((logps.detach(), _grads(model)))
     (a, ga), (b, gb) = results
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -280,7 +281,7 @@ def test_replay_through_the_shared_prompt_forward(moe_dirs, monkeypatch, record_
     for shared in (True, False):
         with torch.no_grad(), tracer.session("replay", routes) as s:
             out[shared] = logps(shared)
-        assert s.flip_rate > 0
+        assert s.router_flip_rate > 0 and s.flip_rate.item() == 0
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
 
 
@@ -306,8 +307,9 @@ def test_training_with_replay_logs_the_flip_rate_and_learns(moe_dirs, tmp_path, 
     if beta:  # the reference copy was made before the hooks: its routers run untouched
         assert all(not r._forward_hooks for _, r in find_routers(module.ref_model)[0])
         assert all(r["kl"] for r in rows if r.get("loss"))
-    rates = [float(r["routing/expert_flip_rate"]) for r in rows if r.get("routing/expert_flip_rate")]
-    assert rates and all(0 <= x <= 1 for x in rates)
+    logged = [r for r in rows if r.get("routing/expert_flip_rate")]
+    assert logged and all(float(r["routing/expert_flip_rate"]) == 0 for r in logged)  # replay: as recorded
+    assert all(0 <= float(r["routing/router_flip_rate"]) <= 1 for r in logged)
     changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, start[k])]
     assert any("gate" in k or "router" in k for k in changed) and any("experts" in k for k in changed)
 
