@@ -15,6 +15,7 @@ the per-rank generation batch must be a multiple of ``num_generations``.
 from __future__ import annotations
 
 import difflib
+import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -96,6 +97,11 @@ class GSPOConfig:
     logprobs_impl: str = "fused"
     """Per-token log-probs: 'fused' (hidden states x head, never holding the (N, V) logits) or 'materialized'
     (the model's own logits, then log_softmax; for comparison and exotic heads)."""
+    router_aux_loss_coef: float | None = None
+    """Weight of a mixture-of-experts model's load-balancing loss (its router's auxiliary loss), added to each
+    micro-batch's loss as TRL adds it. None takes the model config's own coefficient (0.001 in transformers'
+    Qwen3-MoE and gpt-oss configs); 0 turns it off (nothing is computed). A non-zero value on a dense model is an
+    error. See lightning_gspo.router_aux."""
 
     # ---- groups, rewards, advantages ----
     num_generations: int = 8
@@ -140,6 +146,10 @@ class GSPOConfig:
     generation_kwargs: dict[str, Any] | None = None
     """Extra keyword arguments for ``model.generate``; they override the fields above. With
     generation_engine='cached' only the sampling fields above and max_new_tokens may be given."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for the tokenizer's ``apply_chat_template`` when chat prompts are rendered for
+    sampling and evaluation, e.g. {reasoning_effort: low} for gpt-oss or {enable_thinking: false} for Qwen3.
+    A JSON object string is accepted too, as TRL's command line gives it."""
     generation_engine: str = "hf"
     """What samples the completions: 'hf' (transformers' ``generate``, the reference) or 'cached'
     (``lightning_gspo.decode_engine``: the same sampling distribution, each prompt prefilled once for its group,
@@ -205,6 +215,10 @@ class GSPOConfig:
             self.reward_weights = [float(w) for w in self.reward_weights]
         if self.generation_kwargs is not None:
             self.generation_kwargs = dict(self.generation_kwargs)
+        if isinstance(self.chat_template_kwargs, str):  # TRL's command-line form
+            self.chat_template_kwargs = _json_object("chat_template_kwargs", self.chat_template_kwargs)
+        if hasattr(self.chat_template_kwargs, "keys"):  # a Hydra node or another mapping
+            self.chat_template_kwargs = dict(self.chat_template_kwargs)
         validate(self)
 
     @property
@@ -297,3 +311,13 @@ class GSPOConfig:
                 stacklevel=2,
             )
         return cls(**taken)
+
+
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}={text!r} is not a JSON object: {err}.") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={text!r} must be a mapping of keyword arguments (a JSON object).")
+    return value
