@@ -22,6 +22,9 @@ Choices, and why:
   under LoRA works without hooks, and it gives the same gradients as running without it.
 - A GGUF file is converted once into a cached Hugging Face directory (``lightning_gspo.gguf``) and loaded from
   there, so everything downstream sees an ordinary directory.
+- An MXFP4 checkpoint (gpt-oss's) is dequantised at load by default: MXFP4 experts are frozen inference weights,
+  and their kernels need a recent CUDA GPU. Read from the checkpoint's config before loading, so combinations
+  that cannot work (bitsandbytes on top, or MXFP4 kept without adapters to train) stop with a message first.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ class ModelConfig:
     """Weights' dtype: 'float32', 'bfloat16', 'float16' or 'auto'."""
     attn_implementation: str | None = None
     """'eager', 'sdpa', 'flash_attention_2', ... None lets transformers choose."""
+    experts_implementation: str | None = None
+    """How a mixture-of-experts model runs its experts: 'grouped_mm' (transformers' default, torch's grouped
+    matmul: float32, bfloat16 and float16 only), 'batched_mm' or 'eager' (a loop over the experts, any dtype).
+    None lets transformers choose."""
     trust_remote_code: bool = False
     revision: str | None = None
     chat_template: str | None = None
@@ -206,6 +213,8 @@ def load_causal_lm(cfg: ModelConfig):
     kwargs: dict[str, Any] = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.experts_implementation:
+        kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if _is_mxfp4_checkpoint(path, cfg):
