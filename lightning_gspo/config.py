@@ -99,9 +99,9 @@ class GSPOConfig:
     (the model's own logits, then log_softmax; for comparison and exotic heads)."""
     router_aux_loss_coef: float | None = None
     """Weight of a mixture-of-experts model's load-balancing loss (its router's auxiliary loss), added to each
-    micro-batch's loss as TRL adds it. None takes the model config's own coefficient (0.001 in transformers'
-    Qwen3-MoE and gpt-oss configs); 0 turns it off (nothing is computed). A non-zero value on a dense model is an
-    error. See lightning_gspo.router_aux."""
+    micro-batch's loss as TRL adds it. None takes the model config's own coefficient (Qwen3-30B-A3B's 0.001,
+    gpt-oss-20b's 0.9); 0 turns it off (nothing is computed), which RL fine-tuning may prefer (see the README). A
+    non-zero value on a dense model is an error. See lightning_gspo.router_aux."""
 
     # ---- groups, rewards, advantages ----
     num_generations: int = 8

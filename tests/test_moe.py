@@ -407,15 +407,20 @@ def test_export_of_a_lora_trained_moe_loads_back_with_the_same_logprobs(moe_dirs
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lightning_gspo.export import ExportCallback
+    from lightning_gspo.export import ExportCallback, main
 
     L.seed_everything(0)
     cfg = algo(router_aux_loss_coef=COEF, learning_rate=5e-2)
     module = GSPOModule({"name_or_path": str(moe_dirs[family]), "lora": LORA}, REWARDS, cfg)
     data = PromptGroupDataModule(make_dataset(32, seed=3), algorithm=cfg)
-    trainer(tmp_path, max_steps=2, callbacks=[ExportCallback(tmp_path / "export")]).fit(
+    callbacks = [ExportCallback(tmp_path / "export"), ModelCheckpoint(dirpath=tmp_path / "ckpt")]
+    trainer(tmp_path, max_steps=2, callbacks=callbacks, enable_checkpointing=True).fit(
         module, datamodule=data
     )
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    main(
+        ["--ckpt", str(ckpt), "--out", str(tmp_path / "from_ckpt"), "--merged"]
+    )  # the adapters the checkpoint holds
     r = grouped_rollout()
 
     def logps(model):
@@ -432,6 +437,8 @@ def test_export_of_a_lora_trained_moe_loads_back_with_the_same_logprobs(moe_dirs
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logps(adapter), trained, rtol=0, atol=1e-5)
     torch.testing.assert_close(logps(merged), trained, rtol=1e-5, atol=1e-5)
+    from_ckpt = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt/merged")
+    torch.testing.assert_close(logps(from_ckpt), trained, rtol=1e-5, atol=1e-5)
 
 
 # ---- MXFP4 checkpoints ----
