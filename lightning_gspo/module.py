@@ -247,10 +247,9 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         args = (r.model_inputs(), r.completion_mask, self.config.temperature, self.logprobs_impl, entropy)
         control = self.state.entropy
         bonus = which == "policy" and control is not None and control.applied() != 0
-        router_aux = (
-            which == "policy" and self.router_aux_coef != 0
-        )  # the load-balancing loss, as a third item
-        args = (*args, bonus, router_aux)  # the entropy bonus differentiates the entropy; nothing else does
+        # The entropy bonus differentiates the entropy, nothing else does; the policy's own forward also returns
+        # the load-balancing loss (a third item) while its coefficient is not 0.
+        args = (*args, bonus, which == "policy" and self.router_aux_coef != 0)
         if which == "ref":
             with torch.no_grad():
                 if self.ref_model is None:  # PEFT: the base network with adapters off

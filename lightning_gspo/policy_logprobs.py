@@ -78,7 +78,8 @@ def per_token_logps(
     ``inputs`` holds the whole sequences (prompt then completion) as ``input_ids`` and ``attention_mask``; any
     other entry is passed to the model's forward as it is. The entropies carry a gradient only with
     ``entropy_grad`` (an entropy bonus): otherwise the backward never pays for them. With ``return_aux_loss`` a
-    third item: the mixture-of-experts model's load-balancing loss (a scalar) over every attended token of ``inputs``."""
+    third item: the mixture-of-experts model's load-balancing loss (a scalar) over every attended token of
+    ``inputs``, the last included."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     c, t = completion_mask.shape[1], input_ids.shape[1]
