@@ -2,6 +2,10 @@
 
 - LoRA target modules are checked against the model before PEFT sees them: a name that matches nothing would
   otherwise leave that layer silently untrained. The error lists the model's linear layers.
+- Mixture-of-experts models in transformers 5 (Qwen3-MoE, gpt-oss) hold their experts as fused 3-D parameters,
+  not linear layers, so ``target_modules`` cannot reach them; ``target_parameters`` puts LoRA on such parameters
+  (PEFT's ``ParamWrapper``: a rank-r update per expert), checked against the model's parameters the same way.
+  PEFT refuses dropout there, so that is refused at configuration time.
 - A 4-bit layer's quantisation state, which checkpoints hold beside the packed weight, is read back on load, so
   a QLoRA run resumes.
 """
@@ -37,6 +41,10 @@ class LoraSettings:
     """Which biases train: 'none', 'all' or 'lora_only'."""
     modules_to_save: list[str] | None = None
     """Modules trained in full beside the adapters and saved with them, e.g. ['lm_head']."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt directly, matched as name suffixes: the fused 3-D expert weights of a mixture-of-experts
+    model, e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'] (Qwen3-MoE, gpt-oss), which are no linear
+    layer's. Each gets a rank-r update per expert. Needs dropout 0."""
 
     @classmethod
     def from_value(cls, value: Any) -> LoraSettings | None:
@@ -87,6 +95,22 @@ class LoraSettings:
                     f"model.lora.modules_to_save={self.modules_to_save!r} must be a list of module names or None."
                 )
             self.modules_to_save = list(self.modules_to_save)
+        if self.target_parameters is not None:
+            self._check_target_parameters()
+
+    def _check_target_parameters(self) -> None:
+        names = self.target_parameters
+        if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                f"model.lora.target_parameters={names!r} must be a non-empty list of parameter names (e.g. "
+                "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']) or None."
+            )
+        self.target_parameters = list(names)
+        if self.dropout:
+            raise ValueError(
+                f"model.lora.dropout={self.dropout} with model.lora.target_parameters: PEFT cannot apply dropout "
+                "to an adapted parameter (its input is not separable); set model.lora.dropout=0."
+            )
 
     def to_peft(self):
         from peft import LoraConfig
@@ -98,6 +122,7 @@ class LoraSettings:
             target_modules=self.target_modules,
             bias=self.bias,
             modules_to_save=self.modules_to_save,
+            target_parameters=self.target_parameters,
             task_type="CAUSAL_LM",
         )
 
@@ -149,11 +174,34 @@ def check_lora_targets(model, lora: LoraSettings) -> None:
         )
     if missing := [m for m in lora.modules_to_save or [] if not matches(m)]:
         problems.append(f"model.lora.modules_to_save: {missing} match no module")
+    fused = fused_parameter_names(model)
     if problems:
+        experts = f" Its experts are fused parameters ({', '.join(fused)}): name them in model.lora.target_parameters."
         raise ValueError(
             f"{'; '.join(problems)} of {type(model).__name__}. Its linear layers are named "
             f"{', '.join(linear_layer_names(model))}; use some of those, or target_modules='all-linear'."
+            + (experts if fused else "")
         )
+    params = [n for n, _ in model.named_parameters()]
+    if missing := [
+        t for t in lora.target_parameters or [] if not any(n == t or n.endswith("." + t) for n in params)
+    ]:
+        raise ValueError(
+            f"model.lora.target_parameters: {missing} match no parameter of {type(model).__name__}. "
+            + (f"Its fused expert parameters are {', '.join(fused)}." if fused else "It has no fused expert "
+               "parameters (3-D weights); adapt its linear layers with model.lora.target_modules.")
+        )  # fmt: skip
+
+
+def fused_parameter_names(model) -> list[str]:
+    """The names within a decoder layer of the model's 3-D parameters (fused experts), e.g. 'mlp.experts.down_proj'."""
+    names = set()
+    for name, param in model.named_parameters():
+        if param.dim() == 3:
+            parts = name.split(".")
+            digits = [i for i, part in enumerate(parts) if part.isdigit()]
+            names.add(".".join(parts[digits[0] + 1 :]) if digits else name)
+    return sorted(names)
 
 
 def is_peft_model(model) -> bool:

@@ -15,6 +15,7 @@ the per-rank generation batch must be a multiple of ``num_generations``.
 from __future__ import annotations
 
 import difflib
+import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -100,7 +101,13 @@ class GSPOConfig:
     """Mixture-of-experts policies: reuse, in the later passes over a generation batch, the experts each token
     was routed to when the old log-probs were computed (Routing Replay, R3), with gating weights from the current
     router at those experts, so token ratios do not jump when an update flips a token's experts. Off-policy
-    only; lightning_gspo.routing says which routers it knows. routing/expert_flip_rate is logged either way."""
+    only; lightning_gspo.routing says which routers it knows. routing/router_flip_rate (the drift) is logged
+    either way."""
+    router_aux_loss_coef: float | None = None
+    """Weight of a mixture-of-experts model's load-balancing loss (its router's auxiliary loss), added to each
+    micro-batch's loss as TRL adds it. None takes the model config's own coefficient (Qwen3-30B-A3B's 0.001,
+    gpt-oss-20b's 0.9); 0 turns it off (nothing is computed), which RL fine-tuning may prefer (see the README). A
+    non-zero value on a dense model is an error. See lightning_gspo.router_aux."""
 
     # ---- groups, rewards, advantages ----
     num_generations: int = 8
@@ -145,6 +152,10 @@ class GSPOConfig:
     generation_kwargs: dict[str, Any] | None = None
     """Extra keyword arguments for ``model.generate``; they override the fields above. With
     generation_engine='cached' only the sampling fields above and max_new_tokens may be given."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for the tokenizer's ``apply_chat_template`` when chat prompts are rendered for
+    sampling and evaluation, e.g. {reasoning_effort: low} for gpt-oss or {enable_thinking: false} for Qwen3.
+    A JSON object string is accepted too, as TRL's command line gives it."""
     generation_engine: str = "auto"
     """What samples the completions: 'cached' (``lightning_gspo.decode_engine``: each prompt prefilled once for
     its group, finished completions leaving the batch; 1.7-2x ``generate``'s tokens/s on SmolLM2), 'hf'
@@ -212,6 +223,10 @@ class GSPOConfig:
             self.reward_weights = [float(w) for w in self.reward_weights]
         if self.generation_kwargs is not None:
             self.generation_kwargs = dict(self.generation_kwargs)
+        if isinstance(self.chat_template_kwargs, str):  # TRL's command-line form
+            self.chat_template_kwargs = _json_object("chat_template_kwargs", self.chat_template_kwargs)
+        if hasattr(self.chat_template_kwargs, "keys"):  # a Hydra node or another mapping
+            self.chat_template_kwargs = dict(self.chat_template_kwargs)
         validate(self)
 
     @property
@@ -304,3 +319,13 @@ class GSPOConfig:
                 stacklevel=2,
             )
         return cls(**taken)
+
+
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}={text!r} is not a JSON object: {err}.") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={text!r} must be a mapping of keyword arguments (a JSON object).")
+    return value

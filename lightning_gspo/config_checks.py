@@ -74,6 +74,11 @@ def _validate_loss(cfg: GSPOConfig) -> None:
     if clipped and cfg.delta is not None and cfg.delta <= 1 + cfg.epsilon_hi:
         raise ValueError(f"delta={cfg.delta} must be greater than 1 + epsilon_high = {1 + cfg.epsilon_hi}.")
     _at_least("beta", cfg.beta, 0.0)
+    if cfg.router_aux_loss_coef is not None and not cfg.router_aux_loss_coef >= 0:
+        raise ValueError(
+            f"router_aux_loss_coef={cfg.router_aux_loss_coef!r} must be >= 0: a negative weight would reward "
+            "unbalanced routing. Use 0 to turn the load-balancing loss off, or null for the model's own weight."
+        )
     check_objective_parameters(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg, cfg.top_entropy_quantile)
     _validate_adaptive_entropy(cfg)
     bonus = cfg.entropy_coef if cfg.entropy_bonus_enabled else None
@@ -124,6 +129,12 @@ def _validate_sampling(cfg: GSPOConfig) -> None:
         raise ValueError(f"min_p={cfg.min_p} must be in [0, 1] or None.")
     if cfg.repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty={cfg.repetition_penalty} must be > 0 (1.0 disables it).")
+    kwargs = cfg.chat_template_kwargs
+    if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+        raise ValueError(
+            f"chat_template_kwargs={kwargs!r} must be a mapping of keyword names to values, e.g. "
+            "{'reasoning_effort': 'low'}, or None."
+        )
     _one_of("generation_engine", cfg.generation_engine, GENERATION_ENGINES)
     other = sorted(set(cfg.generation_kwargs or {}) - set(CACHED_ENGINE_KWARGS))
     if cfg.generation_engine == "cached" and other:

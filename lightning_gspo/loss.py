@@ -21,6 +21,10 @@ policy's per-token log-probs, and returns the loss to backpropagate and its metr
 - ``record_old``: on the first pass over a generation batch, when it runs before any optimizer step, the
   log-probs computed with gradients are the old log-probs; the ratio is taken as 1 and the computed rows are
   written into the rollout's ``old_logps`` for the later passes.
+- A mixture-of-experts model's load-balancing loss (``router_aux_loss_coef``; ``router_aux`` has TRL's rules) is
+  added as TRL adds it, ``coef * aux_loss / gradient_accumulation_steps`` whatever the loss type, and keeps every
+  row computed (it has a gradient on zero-advantage rows too). The logged ``loss`` includes it; ``aux_loss`` is
+  the unscaled value.
 """
 
 from __future__ import annotations
@@ -36,17 +40,19 @@ from lightning_gspo.kernels.loss_types import high_entropy_mask
 from lightning_gspo.kernels.policy_loss import STEP_NORMALISED_LOSS_TYPES
 from lightning_gspo.rollout import Rollout
 
-# (rows of a micro-batch) -> (log-probs (B, C) float32 with gradients, entropies (B, C))
-LogpsFn = Callable[[Rollout], tuple[torch.Tensor, torch.Tensor]]
+# (rows of a micro-batch) -> (log-probs (B, C) float32 with gradients, entropies (B, C)), and the load-balancing
+# loss (a scalar) as a third item when the loss has a router term
+LogpsFn = Callable[[Rollout], tuple[torch.Tensor, ...]]
 # (rows to compute, None for all; the factor that makes their loss the micro-batch's)
 Rows = tuple[torch.Tensor | None, float]
 
 
-def scored_rows(r: Rollout, cfg: GSPOConfig) -> Rows:
+def scored_rows(r: Rollout, cfg: GSPOConfig, router_aux: bool = False) -> Rows:
     """Which rows of ``r`` to compute and the factor that makes their loss the micro-batch's (see the module
-    notes). At ``beta > 0`` every row has a gradient (the KL term), as under an entropy bonus, and the entropy
-    quantile needs every row's tokens: all are computed."""
-    if cfg.beta != 0 or cfg.entropy_bonus_enabled or cfg.top_entropy_quantile < 1:
+    notes). At ``beta > 0`` every row has a gradient (the KL term), as under an entropy bonus or a load-balancing
+    loss (``router_aux``: its coefficient is not 0), and the entropy quantile needs every row's tokens: all are
+    computed."""
+    if cfg.beta != 0 or cfg.entropy_bonus_enabled or cfg.top_entropy_quantile < 1 or router_aux:
         return None, 1.0
     keep = r.advantages != 0
     n = int(keep.sum())
@@ -73,17 +79,20 @@ def micro_batch_loss(
     record_old: bool = False,
     rows: Rows | None = None,
     entropy_control: EntropyControl | None = None,
+    router_aux_loss_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to backpropagate for micro-batch ``r``, already scaled for accumulation, and its metrics.
 
     ``rows``: ``scored_rows(r, ...)`` when the caller has it already (``(None, 1.0)`` computes every row).
     ``record_old``: see the module notes; ``r.old_logps`` must then be a view of the rollout's.
     ``entropy_control``: the run's entropy-bonus coefficient, which this micro-batch's entropy also feeds
-    (adaptive control); None takes the config's, as at the first optimizer step."""
+    (adaptive control); None takes the config's, as at the first optimizer step.
+    ``router_aux_loss_coef``: the load-balancing loss's coefficient in force (``router_aux.resolve_router_aux_coef``);
+    when it is not 0, ``logps_fn`` returns the loss as a third item."""
     spg = steps_per_generation or cfg.steps_per_generation_for(world_size)
-    keep, scale = rows or scored_rows(r, cfg)
+    keep, scale = rows or scored_rows(r, cfg, router_aux=router_aux_loss_coef != 0)
     s = r if keep is None else r.rows(keep)
-    logps, entropy = logps_fn(s)
+    logps, entropy, *aux = logps_fn(s)
     if record_old:
         r.old_logps[slice(None) if keep is None else keep] = logps.detach().to(r.old_logps.dtype)
     ga = cfg.gradient_accumulation_steps
@@ -106,9 +115,15 @@ def micro_batch_loss(
         metrics = with_left_out_rows(metrics, r.completion_mask, keep, cfg.importance_sampling_level)
     m = s.completion_mask
     metrics = {k: float(v) for k, v in metrics.items()}
+    # The loss below is divided by the accumulation steps unless its normaliser spans the window already; the
+    # router term is divided by them in any case (TRL), so it enters here as coef * aux * divisor / ga.
+    divisor = 1 if cfg.loss_type in STEP_NORMALISED_LOSS_TYPES else ga
+    if router_aux_loss_coef != 0:
+        loss = loss + router_aux_loss_coef * aux[0] * (divisor / ga)
+        metrics["aux_loss"] = float(aux[0].detach())
     metrics["loss"] = float(loss.detach())
     metrics["entropy"] = float(torch.where(m, entropy.detach(), 0).sum() / m.sum().clamp(min=1))
-    return (loss if cfg.loss_type in STEP_NORMALISED_LOSS_TYPES else loss / ga), metrics
+    return loss / divisor, metrics
 
 
 # policy_loss's keywords that are GSPOConfig fields of the same name and meaning.

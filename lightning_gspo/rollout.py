@@ -101,9 +101,9 @@ def _pad(t: torch.Tensor, width: int, value: Any, left: bool) -> torch.Tensor:
     return torch.cat([fill, t] if left else [t, fill], 1)
 
 
-def prompt_text(prompt: Any, tokenizer) -> str:
+def prompt_text(prompt: Any, tokenizer, chat_template_kwargs: dict[str, Any] | None = None) -> str:
     """Plain text stays as it is; a list of chat messages goes through the chat template with the generation
-    prompt."""
+    prompt and ``chat_template_kwargs`` (the config's: gpt-oss's reasoning_effort, Qwen3's enable_thinking)."""
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
@@ -113,7 +113,9 @@ def prompt_text(prompt: Any, tokenizer) -> str:
                 f"model.chat_template to a Jinja template or one of {', '.join(map(repr, CHAT_TEMPLATES))} "
                 "(e.g. model.chat_template=chatml), or give plain-text prompts."
             )
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
     raise ValueError(
         f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}: {prompt!r}"
     )
@@ -254,7 +256,9 @@ def sample_completions(
     device = device or next(policy.parameters()).device
     prompts = [r["prompt"] for r in records for _ in range(g)]
     prompt_ids, prompt_mask, cut = tokenize_prompts(
-        [prompt_text(r["prompt"], tokenizer) for r in records], tokenizer, config.max_prompt_length
+        [prompt_text(r["prompt"], tokenizer, config.chat_template_kwargs) for r in records],
+        tokenizer,
+        config.max_prompt_length,
     )
     if cut:
         warnings.warn(

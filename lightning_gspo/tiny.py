@@ -1,10 +1,18 @@
-"""The tiny local model: a Qwen2-architecture causal LM with a character-level Qwen2 tokenizer; and a tiny reward
-model (the same body with a one-label classification head) for tests of reward models.
+"""The tiny local models: a Qwen2-architecture causal LM with a character-level Qwen2 tokenizer; a tiny reward
+model (the same body with a one-label classification head) for tests of reward models; and tiny
+mixture-of-experts models (Qwen3-MoE and gpt-oss architectures) for the MoE paths.
 
 Tests and the CPU demo need a model without a hub. It is written to a Hugging Face directory (config,
 safetensors, tokenizer files) and loaded with ``from_pretrained``, so it takes the path a real model takes.
 The tokenizer is a real ``Qwen2Tokenizer`` (byte-level BPE with no merges), because transformers maps the
 ``qwen2`` model type to that class whatever the directory says.
+
+The MoE models keep what makes their families different from a dense model and from each other, at a size that
+trains in seconds: experts stored as fused 3-D parameters (transformers 5), top-2 routing over 4 experts, a
+router and a load-balancing loss; gpt-oss adds its attention sinks, biased experts, alternating sliding-window
+layers and a chat template in its "harmony" layout with a ``reasoning_effort`` setting. Neither ties its output
+head to the embeddings, as neither real family does. Hidden and expert sizes are multiples of 32, the MXFP4 block
+size, so a gpt-oss checkpoint can be written in MXFP4 as the real one is.
 """
 
 from __future__ import annotations
@@ -43,6 +51,60 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] == 'user' %}Q: {{ m['content'] }}\n"
     "{% else %}A: {{ m['content'] }}<eos>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}A: {% endif %}"
+)
+
+
+# The MoE families' tiny shapes: 2 layers, 4 experts, top-2 routing, 64 wide. Anything here can be overridden.
+MOE_FAMILIES = ("qwen3_moe", "gpt_oss")
+MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        hidden_size=64,
+        intermediate_size=128,  # the dense MLP's, used only by layers listed in mlp_only_layers
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,  # as Qwen3-30B-A3B: the top-k routing weights sum to 1
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        seed=0,
+    ),
+    "gpt_oss": dict(
+        hidden_size=64,
+        intermediate_size=64,  # each expert's
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,  # layers alternate sliding-window and full attention, as in gpt-oss
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        seed=0,
+    ),
+}
+# gpt-oss's harmony layout: each message is <|start|>role<|message|>content<|end|>, an assistant answer goes to the
+# 'final' channel, and generation ends with <|return|>. The role and channel names and the reasoning settings are
+# single special tokens here, so the layout tokenizes with any tiny vocabulary (the digits one has no letters) and
+# decoding a completion drops them, as it drops the markers.
+HARMONY_MARKERS = ["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"]
+HARMONY_WORDS = ["system", "developer", "user", "assistant", "final"]
+REASONING_EFFORTS = ("low", "medium", "high")
+HARMONY_TEMPLATE = (
+    "{%- set effort = reasoning_effort | default('medium') -%}"
+    "<|start|>system<|message|>Reasoning: {{ effort }}<|end|>"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] in ('system', 'developer') -%}<|start|>developer<|message|>{{ m['content'] }}<|end|>"
+    "{%- elif m['role'] == 'user' -%}<|start|>user<|message|>{{ m['content'] }}<|end|>"
+    "{%- else -%}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}<|end|>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
 )
 
 
@@ -90,6 +152,48 @@ def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) 
     return path
 
 
+def build_tiny_moe(
+    path: str | Path, family: str = "qwen3_moe", vocab: str = "digits", **overrides: Any
+) -> Path:
+    """Write a randomly initialised tiny mixture-of-experts causal LM (``family``: 'qwen3_moe' or 'gpt_oss') and its
+    character tokenizer to ``path`` as a Hugging Face directory, as ``build_tiny_model`` writes the dense one.
+
+    A gpt-oss tokenizer also carries the harmony chat template (``harmony_tokenizer``), whatever the vocabulary.
+    The directory is reused when it already holds a model built with the same settings.
+    """
+    from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    if family not in MOE_FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(map(repr, MOE_FAMILIES))}.")
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab={vocab!r} is not one of {', '.join(map(repr, VOCABS))}.")
+    path = Path(path)
+    settings = {**MOE_DEFAULTS[family], **overrides, "vocab": vocab, "family": family}
+    stamp = path / "lightning_gspo_tiny.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return path
+    tokenizer = build_char_tokenizer(vocab, add_bos=settings.get("add_bos", False))
+    if family == "gpt_oss":
+        tokenizer = harmony_tokenizer(tokenizer)
+    classes = {
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+        "gpt_oss": (GptOssConfig, GptOssForCausalLM),
+    }
+    config_class, model_class = classes[family]
+    _write(model_class, path, tokenizer, settings, {}, config_class)
+    return path
+
+
+def harmony_tokenizer(tokenizer):
+    """``tokenizer`` with gpt-oss's harmony markers, role and channel names and reasoning settings as special
+    tokens, ``<|return|>`` as its end of sequence (what ends a gpt-oss answer), and ``HARMONY_TEMPLATE``."""
+    words = HARMONY_MARKERS + HARMONY_WORDS + [f"Reasoning: {e}" for e in REASONING_EFFORTS]
+    tokenizer.add_special_tokens({"additional_special_tokens": words})
+    tokenizer.eos_token = "<|return|>"
+    tokenizer.chat_template = HARMONY_TEMPLATE
+    return tokenizer
+
+
 def build_tiny_reward_model(
     path: str | Path, vocab: str = "digits", num_labels: int = 1, **overrides: Any
 ) -> Path:
@@ -112,13 +216,17 @@ def build_tiny_reward_model(
     return path
 
 
-def _write(model_class, path: Path, tokenizer, settings: dict[str, Any], extra: dict[str, Any]) -> None:
+def _write(
+    model_class, path: Path, tokenizer, settings: dict[str, Any], extra: dict[str, Any], config_class=None
+) -> None:
     """Build ``model_class`` from the tiny settings with the tokenizer's special tokens, seeded, and save it with
-    its tokenizer and the settings' stamp."""
+    its tokenizer and the settings' stamp. ``config_class``: Qwen2's unless given."""
     from transformers import Qwen2Config
 
-    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab", "add_bos", "num_labels", "head")}
-    config = Qwen2Config(
+    config_class = config_class or Qwen2Config
+    own = ("seed", "vocab", "add_bos", "num_labels", "head", "family")
+    arch = {k: v for k, v in settings.items() if k not in own}
+    config = config_class(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

