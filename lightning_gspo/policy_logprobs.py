@@ -2,7 +2,8 @@
 
 Choices, and why:
 - Log-probs come from ``logits / temperature``, as TRL computes them, with position ids taken from the attention
-  mask so left-padded rows see the positions they were generated with.
+  mask so left-padded rows see the positions they were generated with; a vision-language model's 3-D positions
+  come from the model itself (``rope_positions.py``).
 - The model's inputs arrive as a mapping (``input_ids``, ``attention_mask``, and whatever else the model's
   forward takes: image tensors for a vision-language model, say), so a new kind of input passes through without
   new arguments here.
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 import torch
 
 from lightning_gspo.kernels import selective_logprobs
+from lightning_gspo.rope_positions import position_ids_for
 from lightning_gspo.routing import backbone_call
 
 
@@ -75,7 +77,9 @@ def per_token_logps(
     c = completion_mask.shape[1]
     # The last token's own output predicts nothing we score, and under causal attention no earlier position
     # sees it: it is left out of every forward.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_for(model, input_ids, attention_mask, extra)  # (B, T), or (3, B, T) for a VLM
+    if "mm_token_type_ids" in extra:  # per token, like the ids: the last token is left out below
+        extra["mm_token_type_ids"] = extra["mm_token_type_ids"][:, :-1]
     if impl == "fused":
         hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra)
         entropy = (compute_entropy or entropy_grad, entropy_grad)
@@ -84,7 +88,7 @@ def per_token_logps(
         out = model(
             input_ids=input_ids[:, :-1],
             attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
+            position_ids=position_ids[..., :-1],
             logits_to_keep=c,
             use_cache=False,
             **extra,
@@ -108,7 +112,7 @@ def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, e
             hidden = backbone(
                 **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
                 attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, :-1],
+                position_ids=position_ids[..., :-1],
                 use_cache=False,
                 **extra,
             ).last_hidden_state[:, -c:]
