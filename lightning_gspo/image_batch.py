@@ -90,6 +90,20 @@ class ImageBatch:
             "mm_token_type_ids": types,
         }
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of it (on the CPU); ``from_state`` rebuilds it."""
+        return {
+            "pixel_values": self.pixel_values.cpu(),
+            "image_grid_thw": self.image_grid_thw.cpu(),
+            "row_images": self.row_images,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> ImageBatch:
+        return cls(**state)
+
     @classmethod
     def cat(cls, parts: list[ImageBatch]) -> ImageBatch:
         """The rows of several image batches, in order."""

@@ -265,3 +265,24 @@ def test_bad_image_inputs_are_refused_before_the_first_step(vlm, tiny_dir, tmp_p
 def test_cutting_image_tokens_is_an_error(vlm):
     with pytest.raises(ValueError, match="cutting it would remove image tokens"):
         _rollout(vlm, records(n=1), max_prompt_length=4)
+
+
+def test_a_checkpointed_rollout_keeps_its_images(vlm):
+    from lightning_gspo.run_state import RunState
+
+    r = _rollout(vlm, records(n=2))
+    state = RunState()
+    state.rollout = r
+    saved = torch.load(_save(state.state_dict()), weights_only=False)
+    restored = RunState()
+    restored.load_state_dict(saved)
+    restored.rollout_to(torch.device("cpu"))
+    for key, value in r.model_inputs().items():
+        assert torch.equal(restored.rollout.model_inputs()[key], value), key
+
+
+def _save(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
