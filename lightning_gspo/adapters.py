@@ -140,12 +140,16 @@ def load_4bit_quant_state(module, state_dict, prefix, *args) -> None:
     module.weight.quant_state = QuantState.from_dict(stats, device=module.weight.device)
 
 
-def apply_lora(model, lora: LoraSettings):
-    """Wrap ``model`` in PEFT LoRA adapters after checking that every target names a module of the model."""
+def apply_lora(model, lora: LoraSettings, exclude: str | None = None):
+    """Wrap ``model`` in PEFT LoRA adapters after checking that every target names a module of the model;
+    ``exclude`` (a regular expression over full module names) keeps adapters out of matching modules."""
     from peft import get_peft_model
 
     check_lora_targets(model, lora)
-    return get_peft_model(model, lora.to_peft())
+    config = lora.to_peft()
+    if exclude is not None:
+        config.exclude_modules = exclude
+    return get_peft_model(model, config)
 
 
 def linear_layer_names(model) -> list[str]:

@@ -25,6 +25,7 @@ its own: the same seed gives the same completions with or without early exit and
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,24 @@ def engine_name(config) -> str:
 
 
 def build_engine(tokenizer, config, eos: list[int], greedy: bool = False) -> GenerationEngine:
-    """The engine ``config.generation_engine`` names, with the config's sampling settings (or greedy)."""
+    """The engine ``config.generation_engine`` names, with the config's sampling settings (or greedy).
+
+    A vision-language policy (its tokenizer is a ``VisionProcessor``) samples with 'hf': this loop does not yet
+    pass image inputs or keep 3-D rotary positions."""
+    if hasattr(tokenizer, "encode_prompts"):
+        if getattr(config, "generation_engine", "hf") == "cached":
+            raise ValueError(
+                "generation_engine='cached' cannot sample from a vision-language model yet (it does not pass "
+                "image inputs or 3-D positions); set generation_engine='auto' or 'hf'."
+            )
+        if engine_name(config) == "cached":  # 'auto'
+            warnings.warn(
+                "generation_engine='auto' samples with 'hf' (transformers' generate) for a vision-language "
+                "model: the cached engine does not pass image inputs or 3-D positions yet.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return HFGenerate(tokenizer, config, eos, greedy=greedy)
     if engine_name(config) == "cached":
         return CachedGenerate(tokenizer, config, eos, greedy=greedy)
     return HFGenerate(tokenizer, config, eos, greedy=greedy)

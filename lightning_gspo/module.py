@@ -69,6 +69,7 @@ from lightning_gspo.router_aux import resolve_router_aux_coef
 from lightning_gspo.routing import routing_tracer
 from lightning_gspo.run_state import RunState
 from lightning_gspo.scored_sampling import ScoredSampler
+from lightning_gspo.vision_prompts import check_image_rows
 
 # Checkpoints hold the state after the optimizer step together with the rollout and RNG that follow it, which is
 # what an exact resume needs; Lightning's warning about pre-optimization state does not apply.
@@ -142,6 +143,10 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
             )
         self.spg = self.config.steps_per_generation_for(self.trainer.world_size)
         dm = getattr(self.trainer, "datamodule", None)
+        if (
+            stage == "fit" and getattr(dm, "dataset", None) is not None
+        ):  # images: bad rows named before step one
+            check_image_rows(dm.dataset, self.tokenizer)
         if self.sampler.dynamic is not None and stage == "fit" and not hasattr(dm, "extra_prompts"):
             raise ValueError(
                 "dynamic_sampling=True draws further prompts from the data module: train with a "

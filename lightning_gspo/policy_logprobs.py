@@ -2,7 +2,8 @@
 
 Choices, and why:
 - Log-probs come from ``logits / temperature``, as TRL computes them, with position ids taken from the attention
-  mask so left-padded rows see the positions they were generated with.
+  mask so left-padded rows see the positions they were generated with; a vision-language model's 3-D positions
+  come from the model itself (``rope_positions.py``).
 - The model's inputs arrive as a mapping (``input_ids``, ``attention_mask``, and whatever else the model's
   forward takes: image tensors for a vision-language model, say), so a new kind of input passes through without
   new arguments here.
@@ -34,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from lightning_gspo.kernels import selective_logprobs
+from lightning_gspo.rope_positions import position_ids_for
 from lightning_gspo.router_aux import gather_shared, load_balancing_loss
 from lightning_gspo.routing import backbone_call
 
@@ -89,7 +91,9 @@ def per_token_logps(
     # The last token's own output predicts nothing we score, and under causal attention no earlier position
     # sees it: it is left out of every forward, unless its routing is needed for the load-balancing loss.
     span = t if return_aux_loss else t - 1
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_for(model, input_ids, attention_mask, extra)  # (B, T), or (3, B, T) for a VLM
+    if "mm_token_type_ids" in extra:  # per token, like the ids: cut where the ids are cut
+        extra["mm_token_type_ids"] = extra["mm_token_type_ids"][:, :span]
     entropy = (compute_entropy or entropy_grad, entropy_grad)
     if impl == "fused":
         out = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra, return_aux_loss)
@@ -102,7 +106,7 @@ def per_token_logps(
         out = model(
             input_ids=input_ids[:, :span],
             attention_mask=attention_mask[:, :span],
-            position_ids=position_ids[:, :span],
+            position_ids=position_ids[..., :span],
             logits_to_keep=c + span - (t - 1),
             use_cache=False,
             **({"output_router_logits": True} if return_aux_loss else {}),
@@ -134,7 +138,7 @@ def _completion_hidden(
         out = backbone(
             **({"input_ids": input_ids[:, :span]} if embeds is None else {"inputs_embeds": embeds}),
             attention_mask=attention_mask[:, :span],
-            position_ids=position_ids[:, :span],
+            position_ids=position_ids[..., :span],
             use_cache=False,
             **({"output_router_logits": True} if router else {}),
             **extra,

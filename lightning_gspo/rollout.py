@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from lightning_gspo.chat_templates import CHAT_TEMPLATES
+from lightning_gspo.image_batch import ImageBatch
+from lightning_gspo.vision_prompts import record_images
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Rollout:
     ref_logps: torch.Tensor | None = None  # (B, C) when beta > 0
     routes: torch.Tensor | None = None  # (B, W, L, k) int16 experts per real token and router (routing.py)
     num_items: torch.Tensor | None = None  # () scored tokens of the generation batch over all ranks
+    images: ImageBatch | None = None  # each row's image tensors (a vision-language policy), sliced per row
     texts: dict[str, list[Any]] = field(default_factory=dict)  # prompts, completions: for rewards and logs
 
     def micro_batch(self, index: int, size: int) -> Rollout:
@@ -57,6 +60,8 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 value = value[rows]
+            elif isinstance(value, ImageBatch):  # patches go by image, not by row (image_batch.py)
+                value = value.rows(rows)
             elif f.name == "texts":
                 value = {k: v[rows] if picked is None else [v[i] for i in picked] for k, v in value.items()}
             kw[f.name] = value
@@ -77,14 +82,18 @@ class Rollout:
             torch.cat([_pad(r.completion_mask, c, False, left=False) for r in parts]),
             torch.cat([r.is_truncated for r in parts]),
             texts={k: [x for r in parts for x in r.texts[k]] for k in parts[0].texts},
+            images=_cat_images(parts),
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The whole sequences as the model's forward takes them (prompt, then completion)."""
-        return {
+        inputs = {
             "input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1),
             "attention_mask": torch.cat([self.prompt_mask, self.completion_mask.long()], 1),
         }
+        if self.images is not None:  # pixel_values, image_grid_thw, mm_token_type_ids
+            inputs.update(self.images.model_inputs(inputs["input_ids"]))
+        return inputs
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -92,6 +101,14 @@ class Rollout:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
+
+
+def _cat_images(parts: list[Rollout]) -> ImageBatch | None:
+    if all(r.images is None for r in parts):
+        return None
+    if any(r.images is None for r in parts):
+        raise ValueError("Rollout.cat joins rollouts that all carry images or none do.")
+    return ImageBatch.cat([r.images for r in parts])
 
 
 def _pad(t: torch.Tensor, width: int, value: Any, left: bool) -> torch.Tensor:
@@ -210,6 +227,8 @@ class HFGenerate(GenerationEngine):
             eos_token_id=eos,
             use_cache=True,
         )
+        if placeholders := getattr(tokenizer, "placeholder_ids", None):  # a sampled one has no image features
+            self.kwargs["suppress_tokens"] = list(placeholders)
         if greedy:
             # Named explicitly, so a model's generation_config cannot switch sampling (or its settings) on.
             self.kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
@@ -226,13 +245,17 @@ class HFGenerate(GenerationEngine):
         self.kwargs.update(config.generation_kwargs or {})
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids, prompt_mask, num_generations):
+    def generate(self, model, prompt_ids, prompt_mask, num_generations, images: ImageBatch | None = None):
         prompt_ids = prompt_ids.repeat_interleave(num_generations, 0)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, 0)
+        extra = {}
+        if images is not None:  # each prompt's images, once per completion (image_batch.py)
+            rows = torch.arange(len(images)).repeat_interleave(num_generations)
+            extra = images.rows(rows).model_inputs(prompt_ids)
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **self.kwargs)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **extra, **self.kwargs)
         finally:
             model.train(was_training)
         return out[:, prompt_ids.shape[1] :]
@@ -255,11 +278,25 @@ def sample_completions(
     g = num_generations or config.num_generations
     device = device or next(policy.parameters()).device
     prompts = [r["prompt"] for r in records for _ in range(g)]
-    prompt_ids, prompt_mask, cut = tokenize_prompts(
-        [prompt_text(r["prompt"], tokenizer, config.chat_template_kwargs) for r in records],
-        tokenizer,
-        config.max_prompt_length,
-    )
+    images = None
+    if hasattr(tokenizer, "encode_prompts"):  # a vision-language policy's VisionProcessor (vision.py)
+        prompt_ids, prompt_mask, images, cut = tokenizer.encode_prompts(
+            [r["prompt"] for r in records],
+            records,
+            config.max_prompt_length,
+            lambda p: prompt_text(p, tokenizer, config.chat_template_kwargs),
+        )
+    else:
+        if any(record_images(r) for r in records):
+            raise ValueError(
+                "the prompt records have images (an 'image'/'images' column) but the policy is a text-only "
+                "model; use a vision-language model or drop the image column."
+            )
+        prompt_ids, prompt_mask, cut = tokenize_prompts(
+            [prompt_text(r["prompt"], tokenizer, config.chat_template_kwargs) for r in records],
+            tokenizer,
+            config.max_prompt_length,
+        )
     if cut:
         warnings.warn(
             f"{cut} of {len(records)} prompts were longer than max_prompt_length="
@@ -268,7 +305,11 @@ def sample_completions(
             stacklevel=3,
         )
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    completion_ids = engine.generate(policy, prompt_ids, prompt_mask, g)
+    if images is not None:
+        images = images.to(device)
+        completion_ids = engine.generate(policy, prompt_ids, prompt_mask, g, images=images)
+    else:
+        completion_ids = engine.generate(policy, prompt_ids, prompt_mask, g)
     mask, truncated = completion_mask(completion_ids, eos)
     if config.mask_truncated_completions:
         mask = mask & ~truncated.unsqueeze(1)
@@ -285,4 +326,5 @@ def sample_completions(
         mask,
         truncated,
         texts={"prompts": prompts, "completions": completions},
+        images=None if images is None else images.rows(torch.arange(len(records)).repeat_interleave(g)),
     )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lightning_gspo.entropy_control import EntropyControl
+from lightning_gspo.image_batch import ImageBatch
 from lightning_gspo.reporting import MetricWindow
 from lightning_gspo.rollout import Rollout
 
@@ -51,7 +52,12 @@ class RunState:
             "window": (dict(self.window.sums), dict(self.window.counts)),
             "rollout": None
             if self.rollout is None
-            else {**{k: v.cpu() for k, v in self.rollout.tensors().items()}, "texts": self.rollout.texts},
+            else {
+                **{k: v.cpu() for k, v in self.rollout.tensors().items()},
+                "texts": self.rollout.texts,
+                # A VLM's image tensors: without them a resumed step would run its image tokens as plain text.
+                **({"images": self.rollout.images.state_dict()} if self.rollout.images is not None else {}),
+            },
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "entropy": None if self.entropy is None else self.entropy.state_dict(),
@@ -68,7 +74,9 @@ class RunState:
         if state["rollout"] is not None:
             saved = dict(state["rollout"])
             texts = saved.pop("texts")
-            self.rollout = Rollout(**saved, texts=texts)
+            images = saved.pop("images", None)
+            images = None if images is None else ImageBatch.from_state(images)
+            self.rollout = Rollout(**saved, texts=texts, images=images)
         self.pending_rng = (state["rng"], state["cuda_rng"])
         if self.entropy is not None and state.get("entropy") is not None:
             self.entropy.load_state_dict(state["entropy"])
@@ -87,6 +95,8 @@ class RunState:
         if self.rollout is not None:
             for key, value in self.rollout.tensors().items():
                 setattr(self.rollout, key, value.to(device))
+            if self.rollout.images is not None:
+                self.rollout.images = self.rollout.images.to(device)
 
     def resume_data(self, datamodule: Any) -> None:
         """Tell the data module where the checkpointed run stopped, so the prompt order continues."""
