@@ -320,7 +320,7 @@ def plot(results: dict[str, dict], out: Path) -> None:
     from lightning_gspo.plots import mean_window, rolling_mean
 
     panels = [("accuracy", "held-out accuracy (greedy)"), ("reward", "training reward"),
-              ("clip", "clip fraction"), ("flip", "expert flip rate")]  # fmt: skip
+              ("clip", "clip fraction"), ("flip", "router flip rate")]  # fmt: skip
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     colours = {("grpo", False): "tab:red", ("grpo", True): "tab:orange", ("gspo", False): "tab:blue",
                ("gspo", True): "tab:cyan"}  # fmt: skip
