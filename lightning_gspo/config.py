@@ -96,6 +96,13 @@ class GSPOConfig:
     logprobs_impl: str = "fused"
     """Per-token log-probs: 'fused' (hidden states x head, never holding the (N, V) logits) or 'materialized'
     (the model's own logits, then log_softmax; for comparison and exotic heads)."""
+    logprobs_layout: str = "buckets"
+    """How a micro-batch's rows go through the log-prob forward (policy, old and reference alike; the numbers are
+    the same): 'buckets' (rows sorted by completion length, cut into runs by a cost model, each run trimmed to
+    its own longest completion and prompt), 'trimmed' (the micro-batch trimmed to its longest completion and
+    prompt), 'padded' (the whole padded block, for comparison) or 'packed' (every row's tokens in one row with
+    position ids restarting per row: TRL's padding_free, the layout flash-attention's varlen kernel wants; on the
+    CPU its dense mask makes attention quadratic in the packed length). See lightning_gspo/length_buckets.py."""
 
     # ---- groups, rewards, advantages ----
     num_generations: int = 8

@@ -242,7 +242,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         args = (r.model_inputs(), r.completion_mask, self.config.temperature, self.logprobs_impl, entropy)
         control = self.state.entropy
         bonus = which == "policy" and control is not None and control.applied() != 0
-        args = (*args, bonus)  # the entropy bonus differentiates the entropy; nothing else does
+        args = (*args, bonus, self.config.logprobs_layout)  # only an entropy bonus differentiates the entropy
         if which == "ref":
             with torch.no_grad():
                 if self.ref_model is None:  # PEFT: the base network with adapters off

@@ -22,12 +22,14 @@ Choices, and why:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 
 import torch
 
 from lightning_gspo.kernels import selective_logprobs
+from lightning_gspo.length_buckets import plan_rows
 
 
 def _unwrap(model):
@@ -61,53 +63,150 @@ def per_token_logps(
     impl: str = "fused",
     compute_entropy: bool = False,
     entropy_grad: bool = False,
+    layout: str = "buckets",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False.
 
     ``inputs`` holds the whole sequences (prompt then completion) as ``input_ids`` and ``attention_mask``; any
-    other entry is passed to the model's forward as it is. The entropies carry a gradient only with
-    ``entropy_grad`` (an entropy bonus): otherwise the backward never pays for them."""
+    other entry is passed to the model's forward as it is (and the block then runs as it is: such inputs may be
+    laid out along the sequence). The entropies carry a gradient only with ``entropy_grad`` (an entropy bonus):
+    otherwise the backward never pays for them. ``layout``: which rows run together and how wide
+    (``lightning_gspo.length_buckets``); every layout gives the same numbers."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     c = completion_mask.shape[1]
+    plan = plan_rows(completion_mask, attention_mask[:, :-c], "padded" if extra else layout)
+    if layout == "packed" and not extra and not _prefix_masks(completion_mask, plan.lengths):
+        layout = "buckets"  # a mask with holes has no packed form; the buckets keep its masked columns
+    # Columns no row needs are cut once; the result is padded back to C at the end.
+    p0, w = plan.prompt_start, plan.width
+    input_ids, attention_mask = input_ids[:, p0 : input_ids.shape[1] - c + w], attention_mask[:, p0:]
+    attention_mask = attention_mask[:, : input_ids.shape[1]]
+    mask = completion_mask[:, :w]
+    # Position ids from the attention mask: left-padded rows see the positions they were generated with.
+    # Leading columns that are padding in every row add nothing to the cumulative sum.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    entropy = (compute_entropy or entropy_grad, entropy_grad)
+    rows = (plan, "padded" if extra else layout)
+    if impl == "fused":
+        hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, w, extra, rows)
+        out = _fused_logps(hidden, head, input_ids[:, -w:], mask, temperature, *entropy)
+    else:
+        logits = _completion_logits(model, input_ids, attention_mask, position_ids, w, extra, rows)
+        out = _materialized_logps(logits, input_ids[:, -w:], mask, temperature, *entropy)
+    return tuple(None if t is None else torch.nn.functional.pad(t, (0, c - w)) for t in out)
+
+
+def _prefix_masks(completion_mask: torch.Tensor, lengths: list[int]) -> bool:
+    """Whether every row's mask is its first ``length`` columns (as sampled rollouts' are)."""
+    return completion_mask.sum(1).tolist() == lengths
+
+
+def _completion_logits(model, input_ids, attention_mask, position_ids, w: int, extra: dict, rows):
+    """The model's logits (B, W, V) at the positions that predict the first W completion tokens."""
+    plan, layout = rows
     # The last token's own output predicts nothing we score, and under causal attention no earlier position
     # sees it: it is left out of every forward.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    if impl == "fused":
-        hidden, head = _completion_hidden(model, input_ids, attention_mask, position_ids, c, extra)
-        entropy = (compute_entropy or entropy_grad, entropy_grad)
-        return _fused_logps(hidden, head, input_ids[:, -c:], completion_mask, temperature, *entropy)
-    out = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        logits_to_keep=c,
-        use_cache=False,
-        **extra,
-    )
-    entropy = (compute_entropy or entropy_grad, entropy_grad)
-    return _materialized_logps(out.logits[:, -c:], input_ids[:, -c:], completion_mask, temperature, *entropy)
+    if layout == "packed":
+        keep = _packed_positions(attention_mask, plan, w)
+        out = model(
+            input_ids=input_ids[:, :-1][keep][None],
+            position_ids=position_ids[:, :-1][keep][None],
+            use_cache=False,
+        )
+        return _unpack(out.logits[0], keep, w)
+
+    def run(sel, start, width):
+        end = input_ids.shape[1] - w + width - 1
+        return model(
+            input_ids=input_ids[sel, start:end],
+            attention_mask=attention_mask[sel, start:end],
+            position_ids=position_ids[sel, start:end],
+            logits_to_keep=width,
+            use_cache=False,
+            **extra,
+        ).logits[:, -width:]
+
+    return _by_bucket(run, plan, layout, input_ids.shape[1] - w, w, input_ids.device)
 
 
-def _completion_hidden(model, input_ids, attention_mask, position_ids, c: int, extra: dict):
-    """The backbone's last hidden states (B, C, H) at the positions that predict the completion tokens, and the
-    output head."""
+def _by_bucket(run, plan, layout: str, p: int, w: int, device, shared: bool = False) -> torch.Tensor:
+    """``run(rows, first prompt column, completion width)`` per bucket, the outputs (n, width, D) gathered back
+    into the micro-batch's row order as (B, W, D), zero where a row is shorter than W or has no bucket. ``p`` is
+    the trimmed prompt width."""
+    buckets = plan.buckets(layout, p + plan.prompt_start, shared)
+    b = len(plan.lengths)
+    if len(buckets) == 1 and buckets[0].rows.numel() == b:  # every row, in order: no gather
+        return run(slice(None), buckets[0].prompt_start - plan.prompt_start, w)
+    parts = []
+    for bucket in buckets:
+        out = run(bucket.rows.to(device), bucket.prompt_start - plan.prompt_start, bucket.width)
+        parts.append(torch.nn.functional.pad(out, (0, 0, 0, w - bucket.width)))
+    rows = torch.cat([bucket.rows for bucket in buckets]).to(device)
+    stacked = torch.cat(parts)
+    return stacked.new_zeros(b, w, stacked.shape[-1]).index_copy(0, rows, stacked)
+
+
+def _packed_positions(attention_mask: torch.Tensor, plan, w: int) -> torch.Tensor:
+    """(B, T - 1) bool: the input positions a packed row holds, each scored row's attended prompt tokens and
+    completion tokens but its last (which predicts nothing)."""
+    t = attention_mask.shape[1] - 1
+    p = t + 1 - w
+    lengths = torch.tensor(plan.lengths, device=attention_mask.device)
+    scored = torch.zeros_like(lengths, dtype=torch.bool)
+    scored[plan.scored] = True
+    cols = torch.arange(t, device=attention_mask.device)
+    completion = (cols >= p) & (cols < p + lengths[:, None] - 1)
+    prompt = (cols < p) & attention_mask[:, :t].bool()
+    prompt[:, p - 1] = True  # predicts the first completion token (attended whenever the prompt is not empty)
+    return (prompt | completion) & scored[:, None]
+
+
+def _unpack(flat: torch.Tensor, keep: torch.Tensor, w: int) -> torch.Tensor:
+    """(N, D) outputs of the packed positions back in place, the (B, W, D) predicting the completion tokens."""
+    full = flat.new_zeros(*keep.shape, flat.shape[-1]).masked_scatter(keep[..., None], flat)
+    return full[:, keep.shape[1] - w :]
+
+
+def _completion_hidden(model, input_ids, attention_mask, position_ids, w: int, extra: dict, rows):
+    """The backbone's last hidden states (B, W, H) at the positions that predict the first W completion tokens,
+    and the output head."""
+    plan, layout = rows
     lm = _unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix)
     head = lm.get_output_embeddings()
     embeds = None if extra else _tied_embeddings(backbone, head, input_ids[:, :-1])
-    hidden = None
+    p = input_ids.shape[1] - w
+    if layout == "packed":
+        keep = _packed_positions(attention_mask, plan, w)
+        if embeds is None:
+            embeds = backbone.get_input_embeddings()(input_ids[:, :-1])
+        # No attention mask and no cache: transformers then finds the rows from the restarting position ids.
+        out = backbone(
+            inputs_embeds=embeds[keep][None], position_ids=position_ids[:, :-1][keep][None], use_cache=False
+        )
+        return _unpack(out.last_hidden_state[0], keep, w), head
     if not extra:  # the shared-prompt forward knows token inputs only
-        hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c, embeds)
-    if hidden is None:
-        hidden = backbone(
-            **({"input_ids": input_ids[:, :-1]} if embeds is None else {"inputs_embeds": embeds}),
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
+        hidden = _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, w, embeds, rows)
+        if hidden is not None:
+            return hidden, head
+
+    def run(sel, start, width):
+        end = p + width - 1
+        tokens = (
+            {"input_ids": input_ids[sel, start:end]}
+            if embeds is None
+            else {"inputs_embeds": embeds[sel, start:end]}
+        )
+        return backbone(
+            **tokens,
+            attention_mask=attention_mask[sel, start:end],
+            position_ids=position_ids[sel, start:end],
             use_cache=False,
             **extra,
-        ).last_hidden_state[:, -c:]
-    return hidden, head
+        ).last_hidden_state[:, -width:]
+
+    return _by_bucket(run, plan, layout, p, w, input_ids.device), head
 
 
 def _fused_logps(
@@ -122,9 +221,8 @@ def _fused_logps(
         return_entropy=compute_entropy,
     )
     logps_sel, ent_sel = out if compute_entropy else (out, None)
-    logps = hidden.new_zeros(completion_mask.shape, dtype=torch.float32).masked_scatter(
-        completion_mask, logps_sel
-    )
+    dtype = torch.promote_types(logps_sel.dtype, torch.float32)  # float32, or float64 from a float64 model
+    logps = hidden.new_zeros(completion_mask.shape, dtype=dtype).masked_scatter(completion_mask, logps_sel)
     entropy = None
     if compute_entropy:
         ent_sel = ent_sel if entropy_grad else ent_sel.detach()
@@ -135,7 +233,8 @@ def _fused_logps(
 def _materialized_logps(
     logits, targets, completion_mask, temperature: float, compute_entropy: bool, entropy_grad: bool
 ):
-    logp_all = (logits.float() / temperature).log_softmax(-1)  # (B, C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a float64 model keeps float64
+    logp_all = (logits / temperature).log_softmax(-1)  # (B, C, V)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
     entropy = None
@@ -192,10 +291,12 @@ def _plain_layers(layers) -> bool:
 SHARE_MIN_SAVED_POSITIONS = 256
 
 
-def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None):
+def _shared_prompt_hidden(
+    lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None, rows=None
+):
     """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
-    distinct prompt run once; None when too few positions would be saved or the model cannot (see the module
-    notes)."""
+    distinct prompt run once and each bucket of rows (``rows``: the plan and layout) attending to its rows'
+    keys and values (every row at once when ``rows`` is None); None when too few positions would be saved or the model cannot (see the module notes)."""
     p = input_ids.shape[1] - c
     checkpointing = getattr(lm, "is_activation_checkpointing", None)
     if checkpointing is None:
@@ -226,18 +327,30 @@ def _shared_prompt_hidden(lm, backbone, input_ids, attention_mask, position_ids,
     if not _plain_layers(getattr(cache, "layers", None)):
         # A model that builds a cache of its own kind, which its config did not show: the prompt pass is lost.
         return None
-    last_prompt = prompt.last_hidden_state[:, -1:].index_select(0, row_run)  # predicts the first token
-    if c == 1:
-        return last_prompt
-    cache.batch_select_indices(row_run)  # indexing: each row's keys and values, differentiably
-    completion = backbone(
-        inputs_embeds=embeds[:, p:],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, p:-1],
-        use_cache=True,
-        **{cache_arg: cache},
-    )
-    return torch.cat([last_prompt, completion.last_hidden_state], 1)
+    last_prompt = prompt.last_hidden_state[:, -1:]  # (U, 1, H): predicts each row's first token
+
+    def run(sel, start, width):
+        last = last_prompt.index_select(0, row_run[sel])
+        if width == 1:
+            return last
+        # Each bucket indexes the one prompt pass's keys and values (differentiably) in a cache of its own:
+        # the completion forward appends to the cache it is given.
+        own = copy.copy(cache)
+        own.layers = [copy.copy(layer) for layer in cache.layers]
+        own.batch_select_indices(row_run[sel])
+        completion = backbone(
+            inputs_embeds=embeds[sel, p : p + width - 1],
+            attention_mask=attention_mask[sel, : p + width - 1],
+            position_ids=position_ids[sel, p : p + width - 1],
+            use_cache=True,
+            **{cache_arg: own},
+        )
+        return torch.cat([last, completion.last_hidden_state], 1)
+
+    if rows is None:  # every row, as it is
+        return run(slice(None), 0, c)
+    plan, layout = rows
+    return _by_bucket(run, plan, layout, p, c, input_ids.device, shared=True)
 
 
 def _tied_embeddings(backbone, head, ids: torch.Tensor) -> torch.Tensor | None:
