@@ -77,6 +77,25 @@ class Plan:
             for lo, hi in zip(cuts[:-1], cuts[1:])
         ]
 
+    def prefix_masks(self, completion_mask: torch.Tensor) -> bool:  # (B, C) bool
+        """Whether every row's mask is its first ``length`` columns (as sampled rollouts' are)."""
+        return completion_mask.sum(1).tolist() == self.lengths
+
+    def packed_positions(self, attention_mask: torch.Tensor, w: int) -> torch.Tensor:  # (B, T) trimmed
+        """(B, T - 1) bool: the input positions a packed row holds, each scored row's attended prompt tokens and
+        its completion tokens but the last (which predicts nothing); T - W is the prompt width."""
+        t = attention_mask.shape[1] - 1
+        p = t + 1 - w
+        device = attention_mask.device
+        lengths = torch.tensor(self.lengths, device=device)
+        scored = torch.zeros_like(lengths, dtype=torch.bool)
+        scored[self.scored] = True
+        cols = torch.arange(t, device=device)
+        completion = (cols >= p) & (cols < p + lengths[:, None] - 1)
+        prompt = (cols < p) & attention_mask[:, :t].bool()
+        prompt[:, p - 1] = True  # predicts the first completion token (attended unless the prompt is empty)
+        return (prompt | completion) & scored[:, None]
+
 
 def scored_lengths(completion_mask: torch.Tensor) -> list[int]:  # (B, C) bool
     """Each row's last scored column + 1 (0 for none): what a row needs, whatever holes its mask has."""

@@ -14,6 +14,11 @@ Choices, and why:
   ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
   cache, so models with other caches (sliding windows, as in Gemma 3: decided from the config, before any
   forward), and gradient checkpointing (which turns the cache off in training), take the whole sequences.
+- Padding is not computed where it can be cut: ``layout`` (``lightning_gspo.length_buckets`` plans it) trims the
+  micro-batch to its longest completion and prompt, and by default runs its rows in length buckets, each trimmed
+  to its own; with the shared-prompt forward the prompts still run once and each bucket selects its rows' keys
+  and values. The result is padded back to (B, C), so the loss and the rollout's old and reference log-probs
+  keep their shapes.
 - A tied embedding adds its few gradient rows straight into the head's gradient instead of a second dense
   vocabulary-sized gradient (one process; see ``_tied_embeddings``).
 - The materialised path is kept for comparison and for heads the fused one does not know (soft-capped or
@@ -65,7 +70,8 @@ def per_token_logps(
     entropy_grad: bool = False,
     layout: str = "buckets",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False.
+    """Log-probs (B, C) float32 (float64 from a float64 model) of the completion tokens (and their entropies), zero
+    where the mask is False.
 
     ``inputs`` holds the whole sequences (prompt then completion) as ``input_ids`` and ``attention_mask``; any
     other entry is passed to the model's forward as it is (and the block then runs as it is: such inputs may be
@@ -76,8 +82,10 @@ def per_token_logps(
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     c = completion_mask.shape[1]
     plan = plan_rows(completion_mask, attention_mask[:, :-c], "padded" if extra else layout)
-    if layout == "packed" and not extra and not _prefix_masks(completion_mask, plan.lengths):
-        layout = "buckets"  # a mask with holes has no packed form; the buckets keep its masked columns
+    if layout == "packed" and not extra:
+        _check_packable(model)
+        if not plan.prefix_masks(completion_mask):
+            layout = "buckets"  # a mask with holes has no packed form; the buckets keep its masked columns
     # Columns no row needs are cut once; the result is padded back to C at the end.
     p0, w = plan.prompt_start, plan.width
     input_ids, attention_mask = input_ids[:, p0 : input_ids.shape[1] - c + w], attention_mask[:, p0:]
@@ -97,9 +105,15 @@ def per_token_logps(
     return tuple(None if t is None else torch.nn.functional.pad(t, (0, c - w)) for t in out)
 
 
-def _prefix_masks(completion_mask: torch.Tensor, lengths: list[int]) -> bool:
-    """Whether every row's mask is its first ``length`` columns (as sampled rollouts' are)."""
-    return completion_mask.sum(1).tolist() == lengths
+def _check_packable(model) -> None:
+    """A packed row is told apart only by transformers' own masks (``masking_utils``, which read the restarting
+    position ids); a model with a forward of its own would let the rows attend to each other, silently."""
+    module = type(_unwrap(model)).__module__
+    if not module.startswith("transformers.models."):
+        raise ValueError(
+            f"logprobs_layout='packed' needs a model from transformers (its masks find the packed rows); "
+            f"{type(_unwrap(model)).__name__} comes from {module}. Use logprobs_layout='buckets'."
+        )
 
 
 def _completion_logits(model, input_ids, attention_mask, position_ids, w: int, extra: dict, rows):
@@ -108,7 +122,7 @@ def _completion_logits(model, input_ids, attention_mask, position_ids, w: int, e
     # The last token's own output predicts nothing we score, and under causal attention no earlier position
     # sees it: it is left out of every forward.
     if layout == "packed":
-        keep = _packed_positions(attention_mask, plan, w)
+        keep = plan.packed_positions(attention_mask, w)
         out = model(
             input_ids=input_ids[:, :-1][keep][None],
             position_ids=position_ids[:, :-1][keep][None],
@@ -147,21 +161,6 @@ def _by_bucket(run, plan, layout: str, p: int, w: int, device, shared: bool = Fa
     return stacked.new_zeros(b, w, stacked.shape[-1]).index_copy(0, rows, stacked)
 
 
-def _packed_positions(attention_mask: torch.Tensor, plan, w: int) -> torch.Tensor:
-    """(B, T - 1) bool: the input positions a packed row holds, each scored row's attended prompt tokens and
-    completion tokens but its last (which predicts nothing)."""
-    t = attention_mask.shape[1] - 1
-    p = t + 1 - w
-    lengths = torch.tensor(plan.lengths, device=attention_mask.device)
-    scored = torch.zeros_like(lengths, dtype=torch.bool)
-    scored[plan.scored] = True
-    cols = torch.arange(t, device=attention_mask.device)
-    completion = (cols >= p) & (cols < p + lengths[:, None] - 1)
-    prompt = (cols < p) & attention_mask[:, :t].bool()
-    prompt[:, p - 1] = True  # predicts the first completion token (attended whenever the prompt is not empty)
-    return (prompt | completion) & scored[:, None]
-
-
 def _unpack(flat: torch.Tensor, keep: torch.Tensor, w: int) -> torch.Tensor:
     """(N, D) outputs of the packed positions back in place, the (B, W, D) predicting the completion tokens."""
     full = flat.new_zeros(*keep.shape, flat.shape[-1]).masked_scatter(keep[..., None], flat)
@@ -178,7 +177,7 @@ def _completion_hidden(model, input_ids, attention_mask, position_ids, w: int, e
     embeds = None if extra else _tied_embeddings(backbone, head, input_ids[:, :-1])
     p = input_ids.shape[1] - w
     if layout == "packed":
-        keep = _packed_positions(attention_mask, plan, w)
+        keep = plan.packed_positions(attention_mask, w)
         if embeds is None:
             embeds = backbone.get_input_embeddings()(input_ids[:, :-1])
         # No attention mask and no cache: transformers then finds the rows from the restarting position ids.

@@ -185,3 +185,22 @@ def test_a_training_run_is_the_padded_run(tiny_dir, tmp_path, monkeypatch):
         for key in ("loss", "grad_norm", "kl", "completions/mean_length"):
             if a.get(key):
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+
+
+def test_bad_layouts_are_refused_with_the_field_named(tiny_dir):
+    from transformers import Qwen2ForCausalLM
+
+    from lightning_gspo.config import GSPOConfig
+
+    with pytest.raises(ValueError, match="logprobs_layout"):
+        GSPOConfig(logprobs_layout="ragged")
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir)))
+
+    class OwnForward(Qwen2ForCausalLM):  # a model class of its own: its masks may not see packed rows
+        pass
+
+    model.__class__ = OwnForward
+    inputs, cmask = _batch(LENGTHS["spread"])
+    with pytest.raises(ValueError, match="logprobs_layout='packed' needs a model from transformers"):
+        per_token_logps(model, inputs, cmask, 1.0, layout="packed")
+    per_token_logps(model, inputs, cmask, 1.0, layout="buckets")  # every other layout is plain batching
