@@ -108,6 +108,13 @@ class GSPOConfig:
     micro-batch's loss as TRL adds it. None takes the model config's own coefficient (Qwen3-30B-A3B's 0.001,
     gpt-oss-20b's 0.9); 0 turns it off (nothing is computed), which RL fine-tuning may prefer (see the README). A
     non-zero value on a dense model is an error. See lightning_gspo.router_aux."""
+    logprobs_layout: str = "buckets"
+    """How a micro-batch's rows go through the log-prob forward (policy, old and reference alike; the numbers are
+    the same): 'buckets' (rows sorted by completion length, cut into runs by a cost model, each run trimmed to
+    its own longest completion and prompt), 'trimmed' (the micro-batch trimmed to its longest completion and
+    prompt) or 'padded' (the whole padded block, for comparison). Forwards with image inputs, the
+    mixture-of-experts load-balancing loss or a routing recording take the padded block. See
+    lightning_gspo/length_buckets.py."""
 
     # ---- groups, rewards, advantages ----
     num_generations: int = 8

@@ -17,6 +17,7 @@ from lightning_gspo.kernels.policy_loss import (
     check_objective_parameters,
     triton_uncovered,
 )
+from lightning_gspo.length_buckets import LAYOUTS
 
 if TYPE_CHECKING:
     from lightning_gspo.config import GSPOConfig
@@ -34,6 +35,7 @@ def validate(cfg: GSPOConfig) -> None:
     _one_of("scale_rewards", cfg.scale_rewards, SCALE_REWARDS)
     _one_of("backend", cfg.backend, BACKENDS)
     _one_of("logprobs_impl", cfg.logprobs_impl, LOGPROB_IMPLS)
+    _one_of("logprobs_layout", cfg.logprobs_layout, LAYOUTS)
     if cfg.num_generations < 2:
         raise ValueError(
             f"num_generations={cfg.num_generations}: group-relative advantages need at least 2 completions "

@@ -264,7 +264,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         # The entropy bonus differentiates the entropy, nothing else does; the policy's own forward also returns
         # the load-balancing loss (a third item) while its coefficient is not 0. The old pass forwards the same
         # tokens (the last one too), so a routing recording covers every token the later passes route.
-        args = (*args, bonus, which != "ref" and self.router_aux_coef != 0)
+        args = (*args, bonus, which != "ref" and self.router_aux_coef != 0, self.config.logprobs_layout)
         if which == "ref":
             with torch.no_grad():
                 if self.ref_model is None:  # PEFT: the base network with adapters off

@@ -15,6 +15,11 @@ Choices, and why:
   ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
   cache, so models with other caches (sliding windows, as in Gemma 3: decided from the config, before any
   forward), and gradient checkpointing (which turns the cache off in training), take the whole sequences.
+- Padding is not computed where it can be cut: ``layout`` (``lightning_gspo.length_buckets`` plans it) trims the
+  micro-batch to its longest completion and prompt, and by default runs its rows in length buckets, each trimmed
+  to its own; with the shared-prompt forward the prompts still run once and each bucket selects its rows' keys
+  and values. The result is padded back to (B, C), so the loss and the rollout's old and reference log-probs
+  keep their shapes.
 - A tied embedding adds its few gradient rows straight into the head's gradient instead of a second dense
   vocabulary-sized gradient (one process; see ``_tied_embeddings``).
 - Each backbone call declares which tokens of the micro-batch it runs (``routing.backbone_call``), so a
@@ -35,9 +40,10 @@ from typing import NamedTuple
 import torch
 
 from lightning_gspo.kernels import selective_logprobs
+from lightning_gspo.length_buckets import plan_rows
 from lightning_gspo.rope_positions import position_ids_for
 from lightning_gspo.router_aux import gather_shared, load_balancing_loss
-from lightning_gspo.routing import backbone_call
+from lightning_gspo.routing import backbone_call, in_session
 
 
 class BackboneOut(NamedTuple):
@@ -77,6 +83,7 @@ def per_token_logps(
     compute_entropy: bool = False,
     entropy_grad: bool = False,
     return_aux_loss: bool = False,
+    layout: str = "padded",
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probs (B, C) float32 of the completion tokens (and their entropies), zero where the mask is False.
 
@@ -84,7 +91,19 @@ def per_token_logps(
     other entry is passed to the model's forward as it is. The entropies carry a gradient only with
     ``entropy_grad`` (an entropy bonus): otherwise the backward never pays for them. With ``return_aux_loss`` a
     third item: the mixture-of-experts model's load-balancing loss (a scalar) over every attended token of
-    ``inputs``, the last included."""
+    ``inputs``, the last included. ``layout``: which rows run together and how wide
+    (``lightning_gspo.length_buckets``); every layout gives the same numbers. Image inputs, the load-balancing
+    loss (a statistic of the whole micro-batch) and a routing session (keyed by the micro-batch's rows) take the
+    padded block."""
+    if (
+        layout != "padded"
+        and not return_aux_loss
+        and not in_session()
+        and set(inputs) == {"input_ids", "attention_mask"}
+    ):
+        return _by_length(
+            model, inputs, completion_mask, temperature, impl, compute_entropy, entropy_grad, layout
+        )
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     c, t = completion_mask.shape[1], input_ids.shape[1]
@@ -115,6 +134,36 @@ def per_token_logps(
     logits = out.logits[:, :c]  # the kept positions that predict the completion tokens
     result = _materialized_logps(logits, input_ids[:, -c:], completion_mask, temperature, *entropy)
     return (*result, out.aux_loss) if return_aux_loss else result
+
+
+def _by_length(model, inputs, completion_mask, temperature, impl, compute_entropy, entropy_grad, layout):
+    """``per_token_logps`` of each run of rows the layout plans, each trimmed to its own longest completion and
+    prompt, gathered back into (B, C) with zeros after each row's width (rows with nothing scored stay zero, as
+    the padded block gives them, with no gradient)."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    b, c = completion_mask.shape
+    p = input_ids.shape[1] - c
+    plan = plan_rows(completion_mask, attention_mask[:, :p], layout)
+    parts, rows = [], []
+    for bucket in plan.buckets(layout, p):
+        sel, start, end = bucket.rows.to(input_ids.device), bucket.prompt_start, p + bucket.width
+        sub = {"input_ids": input_ids[sel, start:end], "attention_mask": attention_mask[sel, start:end]}
+        out = per_token_logps(
+            model, sub, completion_mask[sel, : bucket.width], temperature, impl, compute_entropy, entropy_grad
+        )
+        parts.append([None if t is None else torch.nn.functional.pad(t, (0, c - bucket.width)) for t in out])
+        rows.append(sel)
+    order = torch.cat(rows)
+    if order.numel() == b and torch.equal(order, torch.arange(b, device=order.device)):
+        return tuple(None if ts[0] is None else torch.cat(ts) for ts in zip(*parts))
+    gathered = []
+    for ts in zip(*parts):
+        if ts[0] is None:
+            gathered.append(None)
+            continue
+        stacked = torch.cat(ts)
+        gathered.append(stacked.new_zeros(b, c).index_copy(0, order, stacked))
+    return tuple(gathered)
 
 
 def _completion_hidden(
@@ -158,9 +207,8 @@ def _fused_logps(
         return_entropy=compute_entropy,
     )
     logps_sel, ent_sel = out if compute_entropy else (out, None)
-    logps = hidden.new_zeros(completion_mask.shape, dtype=torch.float32).masked_scatter(
-        completion_mask, logps_sel
-    )
+    dtype = torch.promote_types(logps_sel.dtype, torch.float32)  # float32, or float64 from a float64 model
+    logps = hidden.new_zeros(completion_mask.shape, dtype=dtype).masked_scatter(completion_mask, logps_sel)
     entropy = None
     if compute_entropy:
         ent_sel = ent_sel if entropy_grad else ent_sel.detach()
@@ -171,7 +219,8 @@ def _fused_logps(
 def _materialized_logps(
     logits, targets, completion_mask, temperature: float, compute_entropy: bool, entropy_grad: bool
 ):
-    logp_all = (logits.float() / temperature).log_softmax(-1)  # (B, C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a float64 model keeps float64
+    logp_all = (logits / temperature).log_softmax(-1)  # (B, C, V)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logps = torch.where(completion_mask, logps, torch.zeros_like(logps))
     entropy = None

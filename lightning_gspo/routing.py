@@ -194,6 +194,11 @@ class _Session:
 _ACTIVE: list[_Session] = []  # the session in progress, at most one
 
 
+def in_session() -> bool:
+    """Whether a routing session is recording, comparing or replaying the forwards now."""
+    return bool(_ACTIVE)
+
+
 @contextmanager
 def backbone_call(
     attention_mask: torch.Tensor,  # (B, S) the whole sequences of the forward

@@ -278,7 +278,10 @@ def test_zero_coefficient_adds_nothing_and_asks_for_no_router_logits(moe_dirs, m
     from lightning_gspo.loss import micro_batch_loss
 
     def plain(s):
-        return per_token_logps(lm, s.model_inputs(), s.completion_mask, 1.0, "fused", compute_entropy=True)
+        layout = module.config.logprobs_layout  # the same rows through the same calls
+        return per_token_logps(
+            lm, s.model_inputs(), s.completion_mask, 1.0, "fused", compute_entropy=True, layout=layout
+        )
 
     lm.zero_grad()
     loss_plain, _ = micro_batch_loss(r, module.config, plain)
