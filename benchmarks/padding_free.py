@@ -79,9 +79,7 @@ def main() -> None:
     ap.add_argument(
         "--call-costs", type=int, nargs="+", default=[16, 64, 256], help="bucket call costs to try"
     )
-    ap.add_argument(
-        "--layouts", nargs="+", default=["padded", "trimmed", "buckets"], help="layouts to run"
-    )
+    ap.add_argument("--layouts", nargs="+", default=["padded", "trimmed", "buckets"], help="layouts to run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()

@@ -182,7 +182,9 @@ def test_a_training_run_is_the_padded_run(tiny_dir, tmp_path, monkeypatch):
         trainer(tmp_path / layout, max_steps=6).fit(module, datamodule=data)
         runs[layout] = [r for r in logged(tmp_path / layout) if r.get("loss")]
     assert len(runs["padded"]) == len(runs["buckets"]) == 3
-    lengths = [(float(r["completions/min_length"]), float(r["completions/max_length"])) for r in runs["padded"]]
+    lengths = [
+        (float(r["completions/min_length"]), float(r["completions/max_length"])) for r in runs["padded"]
+    ]
     assert any(lo < hi for lo, hi in lengths), lengths  # spread lengths: the buckets differ from padding
     for a, b in zip(runs["padded"], runs["buckets"]):
         for key in ("loss", "grad_norm", "kl", "completions/mean_length"):
