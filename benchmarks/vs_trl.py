@@ -3,13 +3,16 @@
     python -P benchmarks/vs_trl.py                  # both sizes: tiny 1000 steps x 3 seeds, qwen0.5b 20 x 2
     python -P benchmarks/vs_trl.py --size tiny --steps 300 --seeds 2 --out /tmp/vs_trl.md
     python -P benchmarks/vs_trl.py --size qwen0.5b --steps 8 --seeds 1
+    python -P benchmarks/vs_trl.py --size smollm2 --steps 8 --seeds 2 --side-by-side --completion-length 128
 
 (``-P``, or ``PYTHONSAFEPATH=1``, keeps the repository's ``kernels/`` folder from shadowing Hugging Face's
 ``kernels`` package.) Results and their reading: docs/benchmarks.md, "End to end against TRL's GRPOTrainer".
 
-Both trainers get the same model directory (random weights, written once with ``save_pretrained``), the same
-prompts (``lightning_gspo.tasks.arithmetic.make_dataset``), the same reward functions (correctness 1.0,
-format 0.5) and the same GRPOConfig values; batch sizes are TRL's (``per_device_train_batch_size`` counts
+Both trainers get the same model directory (random weights, written once with ``save_pretrained``; for
+``smollm2`` the real SmolLM2-135M-Instruct weights converted from the packaged GGUF), the same prompts
+(``lightning_gspo.tasks.arithmetic.make_dataset``; ``smollm2``: the real-model job's chat sums, 64 distinct
+questions held out and scored greedily on each trainer's final weights), the same reward functions
+(correctness 1.0, format 0.5; ``smollm2``: the number 1.0, brevity 0.2) and the same GRPOConfig values; batch sizes are TRL's (``per_device_train_batch_size`` counts
 completions, ``steps_per_generation`` defaults to ``gradient_accumulation_steps``). Each run is a fresh
 subprocess with ``torch.set_num_threads`` set, so its peak memory is its own:
 
