@@ -40,6 +40,7 @@ except ImportError:  # transformers before per-layer cache objects: caches are n
 from lightning_gspo.config_checks import CACHED_ENGINE_KWARGS
 from lightning_gspo.rollout import GenerationEngine, HFGenerate
 from lightning_gspo.sampling import SamplingSettings, next_tokens, seen_tokens
+from lightning_gspo.vision import is_vision_processor
 
 
 def engine_name(config) -> str:
@@ -56,7 +57,7 @@ def build_engine(tokenizer, config, eos: list[int], greedy: bool = False) -> Gen
 
     A vision-language policy (its tokenizer is a ``VisionProcessor``) samples with 'hf': this loop does not yet
     pass image inputs or keep 3-D rotary positions."""
-    if hasattr(tokenizer, "encode_prompts"):
+    if is_vision_processor(tokenizer):
         if getattr(config, "generation_engine", "hf") == "cached":
             raise ValueError(
                 "generation_engine='cached' cannot sample from a vision-language model yet (it does not pass "

@@ -27,6 +27,7 @@ import torch
 
 from lightning_gspo.chat_templates import CHAT_TEMPLATES
 from lightning_gspo.image_batch import ImageBatch
+from lightning_gspo.vision import is_vision_processor
 from lightning_gspo.vision_prompts import record_images
 
 
@@ -279,7 +280,7 @@ def sample_completions(
     device = device or next(policy.parameters()).device
     prompts = [r["prompt"] for r in records for _ in range(g)]
     images = None
-    if hasattr(tokenizer, "encode_prompts"):  # a vision-language policy's VisionProcessor (vision.py)
+    if is_vision_processor(tokenizer):
         prompt_ids, prompt_mask, images, cut = tokenizer.encode_prompts(
             [r["prompt"] for r in records],
             records,

@@ -39,6 +39,11 @@ def is_vision_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def is_vision_processor(tokenizer) -> bool:
+    """Whether a policy's tokenizer is a ``VisionProcessor``: the one test of "this policy takes images"."""
+    return isinstance(tokenizer, VisionProcessor)
+
+
 class VisionProcessor:
     """The tokenizer (every attribute not defined here is the tokenizer's), plus ``encode`` for prompts with
     images.

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lightning_gspo.image_batch import ImageBatch
+from lightning_gspo.vision import is_vision_processor
 
 IMAGE_COLUMNS = ("images", "image")
 
@@ -94,7 +95,7 @@ def place_images(messages: list[dict[str, Any]], count: int, where: str) -> list
 def check_records(records, processor, placeholder: str | None = None, limit: int | None = None) -> None:
     """Refuse, before training, the bad inputs of the module notes; ``records`` is a dataset or a list of rows;
     ``processor`` is the policy's tokenizer or ``VisionProcessor``. Opens every image (headers only)."""
-    vision = hasattr(processor, "encode_prompts")
+    vision = is_vision_processor(processor)
     placeholder = placeholder or getattr(processor, "image_token", "<|image_pad|>")
     for i, record in enumerate(records):
         if limit is not None and i >= limit:
@@ -129,7 +130,7 @@ def check_image_rows(dataset, processor) -> None:
     """``check_records`` over a ``datasets.Dataset`` when images can be involved: it has an image column, or the
     policy takes images (whose prompts may name placeholders). A text dataset for a text model is not read."""
     columns = getattr(dataset, "column_names", None) or []
-    if hasattr(processor, "encode_prompts") or any(c in columns for c in IMAGE_COLUMNS):
+    if is_vision_processor(processor) or any(c in columns for c in IMAGE_COLUMNS):
         check_records(dataset, processor)
 
 
