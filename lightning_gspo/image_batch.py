@@ -1,4 +1,8 @@
-"""``ImageBatch``: the image tensors of a rollout's rows, sliced per row the way a Qwen2-VL-style model needs them.
+"""``ImageBatch``: the image tensors of a rollout's rows, sliced per row the way the model needs them.
+
+An image is some rows of ``pixel_values``: a Qwen2-VL-style image is its ``t * h * w`` patch rows, described by a
+row of ``image_grid_thw``; a LLaVA-style image (resized to one fixed size, a fixed number of image tokens) is one
+(3, H, W) row, and there is no grid (``image_grid_thw`` is None).
 
 A Qwen2-VL / Qwen2.5-VL processor returns ``pixel_values`` as every image's patches concatenated, image after
 image ((sum_i t_i * h_i * w_i, D)), and ``image_grid_thw`` with one (t, h, w) row per image. Neither has a row per
@@ -12,7 +16,8 @@ Choices, and why:
   The model still runs its vision tower on each row's images (the forward takes one image list per row).
 - ``mm_token_type_ids`` (text 0, image 1, video 2), which Qwen2.5-VL's ``get_rope_index`` reads to place its
   3-D positions, is derived from the token ids when the inputs are built, so it always matches the sequence it
-  describes (prompt and completion), whatever padding or slicing came before.
+  describes (prompt and completion), whatever padding or slicing came before. Only the grid layout's models take
+  it: LLaVA-style models get ``pixel_values`` alone and 1-D positions.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import torch
 
 @dataclass
 class ImageBatch:
-    pixel_values: torch.Tensor  # (N, D) the patches of every stored image, image after image
-    image_grid_thw: torch.Tensor  # (M, 3) long: one (t, h, w) per stored image
+    pixel_values: torch.Tensor  # (N, D) the patches of every stored image, image after image; or (M, 3, H, W)
+    image_grid_thw: torch.Tensor | None  # (M, 3) long: one (t, h, w) per stored image; None: one row per image
     row_images: list[list[int]]  # for each row, the indices (into the stored images) of its images, in order
     image_token_id: int
     video_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if self.image_grid_thw is None:
+            return
         patches = int(self.image_grid_thw.prod(-1).sum()) if self.image_grid_thw.numel() else 0
         if patches != self.pixel_values.shape[0]:
             raise ValueError(
@@ -38,9 +45,16 @@ class ImageBatch:
             )
 
     @property
+    def num_images(self) -> int:
+        """How many images are stored."""
+        grid = self.image_grid_thw
+        return self.pixel_values.shape[0] if grid is None else grid.shape[0]
+
+    @property
     def offsets(self) -> list[int]:
-        """Where each stored image's patches start in ``pixel_values``, and (last) their total."""
-        sizes = self.image_grid_thw.prod(-1).tolist()
+        """Where each stored image's rows start in ``pixel_values``, and (last) their total."""
+        grid = self.image_grid_thw
+        sizes = [1] * self.pixel_values.shape[0] if grid is None else grid.prod(-1).tolist()
         out = [0]
         for s in sizes:
             out.append(out[-1] + int(s))
@@ -61,22 +75,26 @@ class ImageBatch:
         )
 
     def to(self, device: torch.device) -> ImageBatch:
+        grid = self.image_grid_thw
         return ImageBatch(
             self.pixel_values.to(device),
-            self.image_grid_thw.to(device),
+            None if grid is None else grid.to(device),
             self.row_images,
             self.image_token_id,
             self.video_token_id,
         )
 
     def model_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:  # input_ids (B, T)
-        """``pixel_values`` (patches of every row's images, row after row), ``image_grid_thw`` (one per image, same
-        order) and ``mm_token_type_ids`` (B, T) for the rows' token ids; rows without images give the last alone."""
+        """``pixel_values`` (the rows of every row's images, row after row) and, for the grid layout,
+        ``image_grid_thw`` (one per image, same order) and ``mm_token_type_ids`` (B, T) for the rows' token ids;
+        rows without images give only the last (grid layout) or nothing."""
         if input_ids.shape[0] != len(self.row_images):
             raise ValueError(
                 f"{input_ids.shape[0]} rows of token ids for {len(self.row_images)} rows of images."
             )
         order = [i for row in self.row_images for i in row]
+        if self.image_grid_thw is None:  # one row per image: no grid, 1-D positions
+            return {"pixel_values": self.pixel_values[order]} if order else {}
         starts = self.offsets
         pieces = [self.pixel_values[starts[i] : starts[i + 1]] for i in order]
         types = (input_ids == self.image_token_id).int()
@@ -94,7 +112,7 @@ class ImageBatch:
         """What a checkpoint keeps of it (on the CPU); ``from_state`` rebuilds it."""
         return {
             "pixel_values": self.pixel_values.cpu(),
-            "image_grid_thw": self.image_grid_thw.cpu(),
+            "image_grid_thw": None if self.image_grid_thw is None else self.image_grid_thw.cpu(),
             "row_images": self.row_images,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
@@ -107,13 +125,16 @@ class ImageBatch:
     @classmethod
     def cat(cls, parts: list[ImageBatch]) -> ImageBatch:
         """The rows of several image batches, in order."""
+        grids = [p.image_grid_thw for p in parts]
+        if len({g is None for g in grids}) > 1:
+            raise ValueError("ImageBatch.cat joins batches of one layout: all with image_grid_thw or none.")
         rows, base = [], 0
         for p in parts:
             rows += [[base + i for i in row] for row in p.row_images]
-            base += p.image_grid_thw.shape[0]
+            base += p.num_images
         return cls(
             torch.cat([p.pixel_values for p in parts]),
-            torch.cat([p.image_grid_thw for p in parts]),
+            None if grids[0] is None else torch.cat(grids),
             rows,
             parts[0].image_token_id,
             parts[0].video_token_id,

