@@ -30,7 +30,7 @@ import torch
 @dataclass
 class ImageBatch:
     pixel_values: torch.Tensor  # (N, D) the patches of every stored image, image after image; or (M, 3, H, W)
-    image_grid_thw: torch.Tensor | None  # (M, 3) long: one (t, h, w) per stored image; None: one row per image
+    image_grid_thw: torch.Tensor | None  # (M, 3) long: one (t, h, w) per stored image; None: a row per image
     row_images: list[list[int]]  # for each row, the indices (into the stored images) of its images, in order
     image_token_id: int
     video_token_id: int | None = None

@@ -187,8 +187,6 @@ def encode_prompts(
         mask[i, width - len(row) :] = 1
     batch = None
     if pixels:
-        if grids and len(grids) != len(pixels):
-            raise ValueError("the processor gave image_grid_thw for some prompts' images and not for others.")
         batch = ImageBatch(
             torch.cat(pixels),
             torch.cat(grids) if grids else None,
