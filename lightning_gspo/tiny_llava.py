@@ -14,7 +14,8 @@ Choices, and why:
   feature selection), 2 language layers 64 wide.
 - The image features come from the tower's last layer (``vision_feature_layer=-1``; real LLaVA takes the
   second to last): with two layers, every tower parameter then reaches the loss, so training the tower is tested
-  on all of it.
+  on all of it, except CLIP's final norm (``post_layernorm``), which LLaVA never uses (it takes the hidden
+  states before it).
 - The processor settings LLaVA's own processor reads (patch size, one extra CLS token, the feature selection) are
   saved with the image processor, so ``AutoProcessor`` builds it; ``vision.py`` expands the placeholder the same
   way where it cannot.
