@@ -66,12 +66,18 @@ def records(n: int = 4):
 
 
 # ---- the processor ----
-def test_own_and_composed_processors_give_the_hand_expansion(llava, llava_config):
+def test_own_and_composed_processors_give_the_hand_expansion(llava, llava_config, monkeypatch):
     _, proc = llava
+    import transformers
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     assert type(proc.processor).__name__ == "LlavaProcessor"  # builds without torchvision
-    composed = VisionProcessor(proc.tokenizer, proc.image_processor, None, "<image>", TOKENS)
+    with monkeypatch.context() as m:  # as where the processor cannot be built: composed from the config
+        m.setattr(transformers.AutoProcessor, "from_pretrained", _unbuildable)
+        composed = load_tokenizer(llava_config)
+    assert isinstance(composed, VisionProcessor) and composed.processor is None
+    assert composed.image_token == "<image>"
+    assert composed.tokens_per_image == TOKENS
     # The PIL backend is what the processor uses here; with torchvision installed it takes its own backend.
     pil = isinstance(proc.image_processor, LlavaImageProcessorPil)
     reference = (
@@ -96,10 +102,12 @@ def test_own_and_composed_processors_give_the_hand_expansion(llava, llava_config
             ids, pixels, grid = p.encode(text, pair)
             assert ids == expected and grid is None
             torch.testing.assert_close(pixels, ref, rtol=0, atol=0)
-    # The tokens an image takes come from the model config when composing (LLaVA's image_seq_length).
-    assert load_tokenizer(llava_config).tokens_per_image == TOKENS
     with pytest.raises(ValueError, match="model.max_pixels=3136: .* resizes every image to one size"):
         load_tokenizer(ModelConfig(**{**llava_config.to_dict(), "max_pixels": 56 * 56}))
+
+
+def _unbuildable(*args, **kwargs):
+    raise ImportError("no torchvision")
 
 
 # ---- rollouts and log-probs ----
