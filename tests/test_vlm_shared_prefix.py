@@ -190,6 +190,19 @@ def test_rows_with_the_same_text_and_other_images_are_not_shared(tiny_vlm_dir, p
     assert shared[3].calls[0][0] == 3  # one prompt run per picture, not one for the shared text
     assert_same(shared, alone, rtol=1e-10, atol=1e-12)
 
+    # The same patches laid out on another grid (4 x 8 against 8 x 4: the same placeholders, so the same ids) are
+    # another image too.
+    inputs, mask = batch(proc, GROUPS[1:3])
+    grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"].clone()
+    assert grid[0].prod() == grid[-1].prod() and not torch.equal(grid[0], grid[-1])
+    n = int(grid[0].prod())
+    rows_first = len(GROUPS[1][2])
+    pixels[rows_first * n :] = pixels[:n].repeat(len(GROUPS[2][2]), 1)
+    inputs["pixel_values"] = pixels
+    shared = run(model, inputs, mask, monkeypatch, shared=True)
+    assert shared[3].calls[0][0] == 2
+    assert_same(shared, run(model, inputs, mask, monkeypatch, shared=False), rtol=1e-10, atol=1e-12)
+
     # The same picture in every row (and only that) makes them one prompt.
     same = [(text, GROUPS[0][1], lens) for text, _, lens in GROUPS[:3]]
     inputs, mask = batch(proc, same)
