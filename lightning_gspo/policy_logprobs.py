@@ -11,6 +11,10 @@ Choices, and why:
   logits. The completions of one group share their prompt, so the backbone runs each distinct prompt once
   and the completions attend to its keys and values (selected per row, so gradients from every completion
   flow back into the one prompt forward): G x (P + C) token positions become P + G x C, with the same numbers.
+  A vision-language prompt is its ids and its images (``shared_images`` finds each row's images in the flat
+  image tensors and refuses rows whose text matches but whose pictures differ): the vision tower and the
+  backbone run each distinct one once, and the completions continue from it with their 3-D positions, so
+  G x (vision + P + C) becomes vision + P + G x C.
   It costs one more pass over the weights, so it is used only where it saves at least
   ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
   cache, so models with other caches (sliding windows, as in Gemma 3: decided from the config, before any
@@ -282,15 +286,7 @@ SHARE_MIN_SAVED_POSITIONS = 256
 
 
 def _shared_prompt_hidden(
-    lm,
-    backbone,
-    input_ids,
-    attention_mask,
-    position_ids,
-    c: int,
-    embeds=None,
-    router: bool = False,
-    extra=None,
+    lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None, router=False, extra=None
 ) -> BackboneOut | None:
     """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
     distinct prompt run once (and with ``router`` the router logits of every position, the last included, as the
@@ -308,9 +304,7 @@ def _shared_prompt_hidden(
     if not _plain_kv_cache(lm):  # decided from the config: no prompt pass to throw away
         return None
     images = row_images(lm.config, extra) if extra else None
-    if (
-        extra and images is None
-    ):  # inputs whose rows this module cannot tell apart: the prompts are not shared
+    if extra and images is None:  # inputs whose rows cannot be told apart (shared_images): not shared
         return None
     runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p], images, extra)
     if runs is None:
@@ -325,13 +319,11 @@ def _shared_prompt_hidden(
     if embeds is None:
         embeds = backbone.get_input_embeddings()(input_ids[:, :span])
     routing = {"output_router_logits": True} if router else {}
-    # A VLM's prompt run takes its images, and the ids that say where their features go; 3-D positions are
-    # sliced like 1-D ones (rows and positions are the last two dimensions).
-    vision = (
-        {}
-        if images is None
-        else {"input_ids": input_ids[first, :p], **images_of(images, extra, first.tolist())}
-    )
+    # A VLM's prompt run takes its own images, and the ids that say where their features replace the embeddings
+    # (Qwen2-VL-style forwards take both); its 3-D positions slice as 1-D ones do (rows, positions last).
+    vision = {}
+    if images is not None:
+        vision = {"input_ids": input_ids[first, :p], **images_of(images, extra, first.tolist())}
     with backbone_call(attention_mask, 0, p, rows=first, shares=row_run):  # a group's prompt routes once
         prompt = backbone(
             inputs_embeds=embeds[first, :p],
