@@ -110,7 +110,7 @@ def batch(proc, groups=GROUPS, dtype=torch.float64, seed: int = 0):
     images = ImageBatch(torch.cat(pixels).to(dtype), torch.cat(grids), row_imgs, proc.image_token_id)
     ids = torch.cat([prompt_ids, completion], 1)
     inputs = {"input_ids": ids, "attention_mask": torch.cat([prompt_mask, mask.long()], 1)}
-    return {**inputs, **images.model_inputs(ids)}, mask
+    return {**inputs, **images.model_inputs(ids)}, mask, images
 
 
 class Counter:
@@ -131,8 +131,15 @@ class Counter:
             h.remove()
 
 
-def run(model, inputs, mask, monkeypatch, shared: bool, impl: str = "fused"):
-    """Log-probs, entropies and the gradient of every trainable parameter of a weighted sum of both."""
+def weights(mask, dtype=torch.float64):
+    """Fixed weights of each (row, token)'s log-prob and entropy in the summed loss."""
+    w = torch.linspace(-1, 1, mask.numel(), dtype=dtype).view(mask.shape)
+    return w, w.flip(0)
+
+
+def run(model, inputs, mask, monkeypatch, shared: bool, impl: str = "fused", w=None):
+    """Log-probs, entropies and the gradient of every trainable parameter of a weighted sum of both (``w``:
+    their weights, by default ``weights(mask)``)."""
     monkeypatch.setattr(logprobs_lib, "SHARE_MIN_SAVED_POSITIONS", 1 if shared else 10**9)
     model.zero_grad(set_to_none=True)
     counter = Counter(model)
@@ -140,8 +147,8 @@ def run(model, inputs, mask, monkeypatch, shared: bool, impl: str = "fused"):
         logps, ent = per_token_logps(model, inputs, mask, 0.7, impl, compute_entropy=True, entropy_grad=True)
     finally:
         counter.close()
-    w = torch.linspace(-1, 1, logps.numel(), dtype=logps.dtype).view_as(logps)
-    ((logps * w).sum() + (ent * w.flip(0)).sum()).backward()
+    w_logps, w_ent = weights(mask, logps.dtype) if w is None else w
+    ((logps * w_logps).sum() + (ent * w_ent).sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     return logps.detach(), ent.detach(), grads, counter
 
@@ -157,7 +164,7 @@ def assert_same(a, b, rtol: float, atol: float):
 @pytest.mark.parametrize("variant", ["tower", "frozen", "lora"])
 def test_shared_prefix_equals_the_per_completion_forward_in_float64(tiny_vlm_dir, proc, monkeypatch, variant):
     model = policy(tiny_vlm_dir, tower=variant == "tower", lora=variant == "lora")
-    inputs, mask = batch(proc)
+    inputs, mask, _ = batch(proc)
     shared = run(model, inputs, mask, monkeypatch, shared=True)
     alone = run(model, inputs, mask, monkeypatch, shared=False)
     reference = run(model, inputs, mask, monkeypatch, shared=False, impl="materialized")
@@ -183,7 +190,7 @@ def _grids(proc, images):
 
 def test_rows_with_the_same_text_and_other_images_are_not_shared(tiny_vlm_dir, proc, monkeypatch):
     model = policy(tiny_vlm_dir)
-    inputs, mask = batch(proc, GROUPS[:3])  # three groups, one text, ids equal token for token
+    inputs, mask, _ = batch(proc, GROUPS[:3])  # three groups, one text, ids equal token for token
     assert (inputs["input_ids"][:, : -mask.shape[1]] == inputs["input_ids"][0, : -mask.shape[1]]).all()
     shared = run(model, inputs, mask, monkeypatch, shared=True)
     alone = run(model, inputs, mask, monkeypatch, shared=False)
@@ -192,7 +199,7 @@ def test_rows_with_the_same_text_and_other_images_are_not_shared(tiny_vlm_dir, p
 
     # The same patches laid out on another grid (4 x 8 against 8 x 4: the same placeholders, so the same ids) are
     # another image too.
-    inputs, mask = batch(proc, GROUPS[1:3])
+    inputs, mask, _ = batch(proc, GROUPS[1:3])
     grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"].clone()
     assert grid[0].prod() == grid[-1].prod() and not torch.equal(grid[0], grid[-1])
     n = int(grid[0].prod())
@@ -205,14 +212,14 @@ def test_rows_with_the_same_text_and_other_images_are_not_shared(tiny_vlm_dir, p
 
     # The same picture in every row (and only that) makes them one prompt.
     same = [(text, GROUPS[0][1], lens) for text, _, lens in GROUPS[:3]]
-    inputs, mask = batch(proc, same)
+    inputs, mask, _ = batch(proc, same)
     once = run(model, inputs, mask, monkeypatch, shared=True)
     assert once[3].calls[0][0] == 1 and len(once[3].patches) == 1
     assert_same(once, run(model, inputs, mask, monkeypatch, shared=False), rtol=1e-10, atol=1e-12)
 
 
 def test_each_row_gets_its_own_images_from_the_flat_inputs(tiny_vlm_dir, proc):
-    inputs, mask = batch(proc)
+    inputs, mask, _ = batch(proc)
     config = policy(tiny_vlm_dir).config
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     rows = row_images(config, extra)
@@ -231,7 +238,7 @@ def test_each_row_gets_its_own_images_from_the_flat_inputs(tiny_vlm_dir, proc):
 
 def test_float32_shared_prefix_is_close(tiny_vlm_dir, proc, monkeypatch):
     model = policy(tiny_vlm_dir, dtype=torch.float32)
-    inputs, mask = batch(proc, dtype=torch.float32)
+    inputs, mask, _ = batch(proc, dtype=torch.float32)
     shared = run(model, inputs, mask, monkeypatch, shared=True)
     alone = run(model, inputs, mask, monkeypatch, shared=False)
     assert shared[3].calls[0][0] == len(GROUPS)
@@ -240,7 +247,7 @@ def test_float32_shared_prefix_is_close(tiny_vlm_dir, proc, monkeypatch):
 
 def test_gradient_checkpointing_and_small_batches_keep_the_whole_sequences(tiny_vlm_dir, proc, monkeypatch):
     model = policy(tiny_vlm_dir)
-    inputs, mask = batch(proc)
+    inputs, mask, _ = batch(proc)
     monkeypatch.setattr(logprobs_lib, "SHARE_MIN_SAVED_POSITIONS", 10**6)  # the default threshold's rule
     counter = Counter(model)
     with torch.no_grad():
@@ -252,3 +259,34 @@ def test_gradient_checkpointing_and_small_batches_keep_the_whole_sequences(tiny_
     per_token_logps(model, inputs, mask, 1.0)[0].sum().backward()
     counter.close()
     assert len(counter.calls) == 2  # one call each: neither shared
+
+
+def test_micro_batches_cut_inside_groups_share_what_they_hold(tiny_vlm_dir, proc, monkeypatch):
+    """Micro-batches of 5 and 2 rows start inside groups and mix one- and two-image prompts: each shares within
+    its own rows, takes exactly its rows' images, and the pieces give the whole batch's numbers and gradient."""
+    model = policy(tiny_vlm_dir)
+    inputs, mask, images = batch(proc)
+    whole = run(model, inputs, mask, monkeypatch, shared=False)
+    rows = inputs["input_ids"].shape[0]
+    for size in (5, 2):
+        logps, grads, prompt_runs = [], {}, 0
+        for start in range(0, rows, size):
+            picked = list(range(start, min(start + size, rows)))
+            part = {
+                "input_ids": inputs["input_ids"][picked],
+                "attention_mask": inputs["attention_mask"][picked],
+            }
+            part.update(
+                images.rows(picked).model_inputs(part["input_ids"])
+            )  # as a micro-batch's rollout gives
+            out = run(
+                model, part, mask[picked], monkeypatch, shared=True, w=[x[picked] for x in weights(mask)]
+            )
+            logps.append(out[0])
+            prompt_runs += out[3].calls[0][0] if len(out[3].calls) == 2 else 0
+            for name, g in out[2].items():
+                grads[name] = grads.get(name, 0) + g
+        assert prompt_runs > 0  # some micro-batches shared
+        torch.testing.assert_close(torch.cat(logps), whole[0], rtol=1e-10, atol=1e-12)
+        for name, g in whole[2].items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
