@@ -13,7 +13,8 @@ patches in row order, each image's ``t * h * w`` rows, with one grid row per ima
 
 Choices, and why:
 - A group's G completions share their prompt's images: the patches are stored once per prompt, not G times.
-  The model still runs its vision tower on each row's images (the forward takes one image list per row).
+  ``model_inputs`` still lists each row's images (the model's forward takes one image list per row); the fused
+  log-prob path then runs each distinct prompt's images once (``shared_images``, ``policy_logprobs``).
 - ``mm_token_type_ids`` (text 0, image 1, video 2), which Qwen2.5-VL's ``get_rope_index`` reads to place its
   3-D positions, is derived from the token ids when the inputs are built, so it always matches the sequence it
   describes (prompt and completion), whatever padding or slicing came before. Only the grid layout's models take

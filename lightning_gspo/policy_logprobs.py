@@ -11,6 +11,10 @@ Choices, and why:
   logits. The completions of one group share their prompt, so the backbone runs each distinct prompt once
   and the completions attend to its keys and values (selected per row, so gradients from every completion
   flow back into the one prompt forward): G x (P + C) token positions become P + G x C, with the same numbers.
+  A vision-language prompt is its ids and its images (``shared_images`` finds each row's images in the flat
+  image tensors and refuses rows whose text matches but whose pictures differ): the vision tower and the
+  backbone run each distinct one once, and the completions continue from it with their 3-D positions, so
+  G x (vision + P + C) becomes vision + P + G x C.
   It costs one more pass over the weights, so it is used only where it saves at least
   ``SHARE_MIN_SAVED_POSITIONS`` positions and a quarter of the micro-batch's; it needs a plain key/value
   cache, so models with other caches (sliding windows, as in Gemma 3: decided from the config, before any
@@ -44,6 +48,7 @@ from lightning_gspo.length_buckets import plan_rows
 from lightning_gspo.rope_positions import position_ids_for
 from lightning_gspo.router_aux import gather_shared, load_balancing_loss
 from lightning_gspo.routing import backbone_call, in_session
+from lightning_gspo.shared_images import RowImages, images_of, row_images, same_images
 
 
 class BackboneOut(NamedTuple):
@@ -177,12 +182,11 @@ def _completion_hidden(
     t = input_ids.shape[1]
     span = t if router else t - 1
     embeds = None if extra else _tied_embeddings(backbone, head, input_ids[:, :span])
-    if not extra:  # the shared-prompt forward knows token inputs only
-        shared = _shared_prompt_hidden(
-            lm, backbone, input_ids, attention_mask, position_ids, c, embeds, router
-        )
-        if shared is not None:
-            return shared
+    shared = _shared_prompt_hidden(
+        lm, backbone, input_ids, attention_mask, position_ids, c, embeds, router, extra
+    )
+    if shared is not None:
+        return shared
     with backbone_call(attention_mask, 0, span):
         out = backbone(
             **({"input_ids": input_ids[:, :span]} if embeds is None else {"inputs_embeds": embeds}),
@@ -231,12 +235,16 @@ def _materialized_logps(
     return logps, entropy
 
 
-def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+def _prompt_runs(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, images: RowImages | None = None, extra=None
+):
     """(first row of each run of identical neighbouring prompts (U,), each row's run (B,)), or None when no two
-    neighbours share a prompt."""
+    neighbours share a prompt. With ``images`` (the rows' images in ``extra``) a prompt is its ids and images."""
     if prompt_ids.shape[0] < 2 or prompt_ids.shape[1] == 0:
         return None
     same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    if images is not None:
+        same = same_images(images, extra, same)
     if not bool(same.any()):
         return None
     starts = torch.cat([same.new_ones(1), ~same])
@@ -278,12 +286,14 @@ SHARE_MIN_SAVED_POSITIONS = 256
 
 
 def _shared_prompt_hidden(
-    lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None, router: bool = False
+    lm, backbone, input_ids, attention_mask, position_ids, c: int, embeds=None, router=False, extra=None
 ) -> BackboneOut | None:
     """The backbone's hidden states (B, C, H) at the positions that predict the completion tokens, with each
     distinct prompt run once (and with ``router`` the router logits of every position, the last included, as the
     per-completion forward gives them); None when too few positions would be saved or the model cannot (see the
-    module notes). ``embeds``: the input embeddings of the positions to run, when the caller has them."""
+    module notes). ``embeds``: the input embeddings of the positions to run, when the caller has them.
+    ``extra``: the other model inputs; a Qwen2-VL-style model's images (``shared_images``) run with their
+    prompt, once, and the completions attend to it with their 3-D positions; any other extra input is not shared."""
     p = input_ids.shape[1] - c
     checkpointing = getattr(lm, "is_activation_checkpointing", None)
     if checkpointing is None:
@@ -293,7 +303,10 @@ def _shared_prompt_hidden(
         return None  # decided from shapes alone: no comparison of prompts, no host sync
     if not _plain_kv_cache(lm):  # decided from the config: no prompt pass to throw away
         return None
-    runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p])
+    images = row_images(lm.config, extra) if extra else None
+    if extra and images is None:  # inputs whose rows cannot be told apart (shared_images): not shared
+        return None
+    runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p], images, extra)
     if runs is None:
         return None
     first, row_run = runs
@@ -306,12 +319,18 @@ def _shared_prompt_hidden(
     if embeds is None:
         embeds = backbone.get_input_embeddings()(input_ids[:, :span])
     routing = {"output_router_logits": True} if router else {}
+    # A VLM's prompt run takes its own images, and the ids that say where their features replace the embeddings
+    # (Qwen2-VL-style forwards take both); its 3-D positions slice as 1-D ones do (rows, positions last).
+    vision = {}
+    if images is not None:
+        vision = {"input_ids": input_ids[first, :p], **images_of(images, extra, first.tolist())}
     with backbone_call(attention_mask, 0, p, rows=first, shares=row_run):  # a group's prompt routes once
         prompt = backbone(
             inputs_embeds=embeds[first, :p],
             attention_mask=attention_mask[first, :p],
-            position_ids=position_ids[first, :p],
+            position_ids=position_ids[..., first, :p],
             use_cache=True,
+            **vision,
             **routing,
         )
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
@@ -326,7 +345,7 @@ def _shared_prompt_hidden(
         completion = backbone(
             inputs_embeds=embeds[:, p:span],
             attention_mask=attention_mask[:, :span],
-            position_ids=position_ids[:, p:span],
+            position_ids=position_ids[..., p:span],
             use_cache=True,
             **{cache_arg: cache},
             **routing,

@@ -6,8 +6,9 @@ generated with. A Qwen2-VL / Qwen2.5-VL model gives the image tokens 2-D grid po
 an image continue from the grid's extent (``get_rope_index``), so positions from the mask would be wrong after the
 first image. Here the model's own ``get_rope_index`` computes them from the token ids, the modality of each token
 (``mm_token_type_ids``) and the image grids, once for the whole sequence: the fused and the materialised path
-then run with the same positions, and the shared-prompt forward is never asked to handle them (it runs only when
-no extra input is present).
+then run with the same positions, and the shared-prompt forward slices them, the prompt's for the one prompt run
+and the completion's for the completions that attend to it (both sliced from the whole sequences' positions, so
+the completions continue from the grid's extent as they would in one forward).
 """
 
 from __future__ import annotations
