@@ -292,7 +292,7 @@ def _shared_prompt_hidden(
     distinct prompt run once (and with ``router`` the router logits of every position, the last included, as the
     per-completion forward gives them); None when too few positions would be saved or the model cannot (see the
     module notes). ``embeds``: the input embeddings of the positions to run, when the caller has them.
-    ``extra``: the other model inputs; a Qwen2-VL-style model's images (``shared_images``) run with their
+    ``extra``: the other model inputs; a VLM's images (Qwen2-VL or LLaVA layout, ``shared_images``) run with their
     prompt, once, and the completions attend to it with their 3-D positions; any other extra input is not shared."""
     p = input_ids.shape[1] - c
     checkpointing = getattr(lm, "is_activation_checkpointing", None)
@@ -303,7 +303,7 @@ def _shared_prompt_hidden(
         return None  # decided from shapes alone: no comparison of prompts, no host sync
     if not _plain_kv_cache(lm):  # decided from the config: no prompt pass to throw away
         return None
-    images = row_images(lm.config, extra) if extra else None
+    images = row_images(lm.config, extra, input_ids) if extra else None
     if extra and images is None:  # inputs whose rows cannot be told apart (shared_images): not shared
         return None
     runs = _prompt_runs(input_ids[:, :p], attention_mask[:, :p], images, extra)
@@ -320,17 +320,21 @@ def _shared_prompt_hidden(
         embeds = backbone.get_input_embeddings()(input_ids[:, :span])
     routing = {"output_router_logits": True} if router else {}
     # A VLM's prompt run takes its own images, and the ids that say where their features replace the embeddings
-    # (Qwen2-VL-style forwards take both); its 3-D positions slice as 1-D ones do (rows, positions last).
-    vision = {}
+    # (Qwen2-VL-style forwards take both; a LLaVA-style one takes one or the other, so the ids alone);
+    # 3-D positions slice as 1-D ones do (rows, positions last).
+    tokens = {"inputs_embeds": embeds[first, :p]}
     if images is not None:
-        vision = {"input_ids": input_ids[first, :p], **images_of(images, extra, first.tolist())}
+        tokens = {
+            "input_ids": input_ids[first, :p],
+            **({"inputs_embeds": embeds[first, :p]} if images.grid else {}),
+        }
+        tokens.update(images_of(images, extra, first.tolist()))
     with backbone_call(attention_mask, 0, p, rows=first, shares=row_run):  # a group's prompt routes once
         prompt = backbone(
-            inputs_embeds=embeds[first, :p],
+            **tokens,
             attention_mask=attention_mask[first, :p],
             position_ids=position_ids[..., first, :p],
             use_cache=True,
-            **vision,
             **routing,
         )
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)

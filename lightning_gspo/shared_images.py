@@ -14,9 +14,11 @@ Choices, and why:
 - A prompt is its token ids and its images: two rows with the same text and different pictures must not share.
   Identity is decided on the values (the grids, then the patches), not on where the rows' images came from;
   comparing is one pass over the patches of rows whose ids already match, far less than the vision tower.
-- Only the layout above (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``) is recognised; any other
-  input (videos, tiles with pixel masks, another family's tensors) or counts that do not add up leave the
-  micro-batch to the per-completion forward, which takes the inputs as they are and reports what is wrong.
+- A LLaVA-style forward takes ``pixel_values`` alone, one (3, H, W) row per image, and every image fills the
+  same number of ``image_token_id`` placeholders: a row's placeholder count over that number is its images.
+- Only these two layouts are recognised; any other input (videos, tiles with pixel masks, another family's
+  tensors) or counts that do not add up leave the micro-batch to the per-completion forward, which takes the
+  inputs as they are and reports what is wrong.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ SHAREABLE_INPUTS = frozenset({"pixel_values", "image_grid_thw", "mm_token_type_i
 
 
 class RowImages(NamedTuple):
-    spans: list[tuple[int, int]]  # for each row, its images as (first, end) into image_grid_thw
-    patch_offsets: list[int]  # where each image's patches start in pixel_values, and (last) their total
+    spans: list[tuple[int, int]]  # for each row, its images as (first, end) in the order of the image inputs
+    patch_offsets: list[int]  # where each image's rows start in pixel_values, and (last) their total
+    grid: bool = True  # Qwen2-VL-style (patches + image_grid_thw); False: one pixel_values row per image
 
 
-def row_images(config, inputs: Mapping[str, torch.Tensor]) -> RowImages | None:
+def row_images(config, inputs: Mapping[str, torch.Tensor], input_ids: torch.Tensor) -> RowImages | None:
     """Each row's images in ``inputs`` (the extra model inputs: ``mm_token_type_ids`` (B, T), ``pixel_values``,
-    ``image_grid_thw``), or None when they are not the layout recognised here or their counts do not add up."""
+    ``image_grid_thw``; or ``pixel_values`` alone for a LLaVA-style model) given the rows' ``input_ids`` (B, T),
+    or None when they are not a layout recognised here or their counts do not add up."""
+    if set(inputs) == {"pixel_values"}:
+        return _fixed_token_images(config, inputs["pixel_values"], input_ids)
     if not set(inputs) <= SHAREABLE_INPUTS or "mm_token_type_ids" not in inputs:
         return None
     per_row = (inputs["mm_token_type_ids"] == 1).sum(1).tolist()  # image placeholders of each row
@@ -65,6 +71,27 @@ def row_images(config, inputs: Mapping[str, torch.Tensor]) -> RowImages | None:
     return RowImages(spans, offsets)
 
 
+def _fixed_token_images(config, pixels: torch.Tensor, input_ids: torch.Tensor) -> RowImages | None:
+    """A LLaVA-style layout: one ``pixels`` row per image, each filling the same number of placeholders."""
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None or pixels.dim() != 4 or pixels.shape[0] == 0:
+        return None
+    per_row = (input_ids == token).sum(1).tolist()
+    total = sum(per_row)
+    if total % pixels.shape[0]:
+        return None
+    each = total // pixels.shape[0]
+    if any(n % each for n in per_row):
+        return None
+    spans, image = [], 0
+    for n in per_row:
+        spans.append((image, image + n // each))
+        image += n // each
+    return RowImages(spans, list(range(pixels.shape[0] + 1)), grid=False)
+
+
 def same_images(
     rows: RowImages, inputs: Mapping[str, torch.Tensor], candidates: torch.Tensor
 ) -> torch.Tensor:
@@ -79,22 +106,23 @@ def same_images(
         if a == a_end:  # neither has an image
             out[i] = True
             continue
-        out[i] = torch.equal(grid[a:a_end], grid[b:b_end]) and torch.equal(
-            pixels[at[a] : at[a_end]], pixels[at[b] : at[b_end]]
-        )
+        same_grid = not rows.grid or torch.equal(grid[a:a_end], grid[b:b_end])
+        out[i] = same_grid and torch.equal(pixels[at[a] : at[a_end]], pixels[at[b] : at[b_end]])
     return candidates.new_tensor(out, dtype=torch.bool)
 
 
 def images_of(
     rows: RowImages, inputs: Mapping[str, torch.Tensor], picked: list[int]
 ) -> dict[str, torch.Tensor]:
-    """``pixel_values`` and ``image_grid_thw`` of the ``picked`` rows alone, in their order ({} when they have no
-    image). One row's images are a view of the patches; several rows' are joined (the rows a forward runs)."""
+    """``pixel_values`` and (grid layout) ``image_grid_thw`` of the ``picked`` rows alone, in their order ({} when
+    they have no image). One row's images are a view of the patches; several rows' are joined (the rows a forward runs)."""
     spans = [rows.spans[i] for i in picked if rows.spans[i][0] < rows.spans[i][1]]
     if not spans:
         return {}
     at = rows.patch_offsets
     pixels = [inputs["pixel_values"][at[a] : at[b]] for a, b in spans]
+    if not rows.grid:
+        return {"pixel_values": pixels[0] if len(pixels) == 1 else torch.cat(pixels)}
     grids = [inputs["image_grid_thw"][a:b] for a, b in spans]
     return {
         "pixel_values": pixels[0] if len(pixels) == 1 else torch.cat(pixels),

@@ -35,7 +35,7 @@ GROUPS = [
 
 @pytest.fixture(autouse=True)
 def float64_norms(monkeypatch):
-    """Qwen2.5-VL's RMSNorm and vision rotary embedding compute in float32 whatever the weights' dtype, so a
+    """Qwen2.5-VL's (and Llama's) RMSNorm and Qwen2.5-VL's vision rotary embedding compute in float32 whatever the weights' dtype, so a
     float64 model's gradients carry float32 rounding (~1e-7) wherever two forwards of equal value reach them by
     different sums. Computed in the input's dtype (float32 at least) the model is float64 through and through,
     and 1e-10 can be asked."""
@@ -51,7 +51,10 @@ def float64_norms(monkeypatch):
         q, k, cos, sin = q.to(dtype), k.to(dtype), cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
         return q * cos + qwen.rotate_half(q) * sin, k * cos + qwen.rotate_half(k) * sin
 
+    from transformers.models.llama import modeling_llama as llama  # the tiny LLaVA's language model
+
     monkeypatch.setattr(qwen.Qwen2_5_VLRMSNorm, "forward", norm)
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", norm)
     monkeypatch.setattr(qwen, "apply_rotary_pos_emb_vision", rotary)
 
 
@@ -222,7 +225,7 @@ def test_each_row_gets_its_own_images_from_the_flat_inputs(tiny_vlm_dir, proc):
     inputs, mask, _ = batch(proc)
     config = policy(tiny_vlm_dir).config
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    rows = row_images(config, extra)
+    rows = row_images(config, extra, inputs["input_ids"])
     # The flat inputs hold every row's images in row order: rows of 1, 1, 1 and 2 images, 3, 3, 2 and 4 rows.
     counts = [len(imgs) for _, imgs, lens in GROUPS for _ in lens]
     ends = np.cumsum(counts).tolist()
@@ -232,8 +235,8 @@ def test_each_row_gets_its_own_images_from_the_flat_inputs(tiny_vlm_dir, proc):
     # Counts that do not add up (a placeholder too many) or inputs of another layout: no sharing, no guess.
     broken = dict(extra, mm_token_type_ids=extra["mm_token_type_ids"].clone())
     broken["mm_token_type_ids"][0, -1] = 1
-    assert row_images(config, broken) is None
-    assert row_images(config, dict(extra, pixel_attention_mask=torch.ones(1))) is None
+    assert row_images(config, broken, inputs["input_ids"]) is None
+    assert row_images(config, dict(extra, pixel_attention_mask=torch.ones(1)), inputs["input_ids"]) is None
 
 
 def test_float32_shared_prefix_is_close(tiny_vlm_dir, proc, monkeypatch):
@@ -290,3 +293,91 @@ def test_micro_batches_cut_inside_groups_share_what_they_hold(tiny_vlm_dir, proc
         torch.testing.assert_close(torch.cat(logps), whole[0], rtol=1e-10, atol=1e-12)
         for name, g in whole[2].items():
             torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# ---- the fixed-token layout (LLaVA): one pixel_values row per image, 1-D positions ----
+LLAVA_GROUPS = [
+    ("1+2=", [picture(56, 56, seed=1)], [3, 7, 5]),
+    ("1+2=", [picture(56, 56, seed=2)], [6, 2, 7]),  # same ids as the group before, another picture
+    ("3+4=", [picture(56, 56, seed=3), picture(56, 56, seed=4)], [7, 1, 5, 3]),
+]
+
+
+def llava_batch(proc, groups=LLAVA_GROUPS, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    prompts, pixels, row_imgs, lengths = [], [], [], []
+    for text, images, lens in groups:
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
+        rendered = proc.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        ids, pv, grid = proc.encode(rendered, images)
+        assert grid is None
+        first = sum(x.shape[0] for x in pixels)
+        pixels.append(pv)
+        for n in lens:
+            prompts.append(ids)
+            row_imgs.append(list(range(first, first + pv.shape[0])))
+            lengths.append(n)
+    p, c, pad = max(map(len, prompts)), max(lengths), proc.pad_token_id
+    prompt_ids = torch.tensor([[pad] * (p - len(x)) + x for x in prompts])
+    prompt_mask = torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompts])
+    digits = torch.tensor(proc.tokenizer.convert_tokens_to_ids(list("0123456789")))
+    mask = torch.arange(c)[None] < torch.tensor(lengths)[:, None]
+    completion = torch.where(mask, digits[torch.randint(0, 10, (len(prompts), c), generator=gen)], pad)
+    images = ImageBatch(torch.cat(pixels).double(), None, row_imgs, proc.image_token_id)
+    ids = torch.cat([prompt_ids, completion], 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.cat([prompt_mask, mask.long()], 1)}
+    return {**inputs, **images.model_inputs(ids)}, mask
+
+
+def test_llava_shared_prefix_equals_the_per_completion_forward_in_float64(tmp_path, monkeypatch):
+    config = ModelConfig(name_or_path="tiny-llava:digits", tiny_dir=str(tmp_path))
+    proc = load_tokenizer(config)
+    model = load_causal_lm(config).to(torch.float64)
+    vision_tower(model)[1].requires_grad_(True)
+    inputs, mask = llava_batch(proc)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    rows = row_images(model.config, {"pixel_values": inputs["pixel_values"]}, inputs["input_ids"])
+    ends = np.cumsum([1] * 6 + [2] * 4).tolist()  # every row's images, in row order
+    assert rows.spans == [(e - n, e) for n, e in zip([1] * 6 + [2] * 4, ends)] and not rows.grid
+
+    calls = []
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(1), with_kwargs=True
+    )
+    try:
+        shared = run_llava(model, inputs, mask, monkeypatch, shared=True)
+        images_in_shared_run = len(calls)
+        calls.clear()
+        alone = run_llava(model, inputs, mask, monkeypatch, shared=False)
+    finally:
+        hook.remove()
+    reference = run_llava(model, inputs, mask, monkeypatch, shared=False, impl="materialized")
+    for a, b in ((shared, alone), (shared, reference)):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-10, atol=1e-12)
+        assert a[2].keys() == b[2].keys()
+        for name in a[2]:
+            torch.testing.assert_close(a[2][name], b[2][name], rtol=1e-10, atol=1e-12, msg=name)
+    assert any("vision_tower" in n for n in shared[2])
+    # The tower saw each distinct prompt's images once: 4 images, not the 14 of the per-completion forward.
+    assert shared[3] == [4] and alone[3] == [14]
+    assert images_in_shared_run == 1
+
+
+def run_llava(model, inputs, mask, monkeypatch, shared: bool, impl: str = "fused"):
+    monkeypatch.setattr(logprobs_lib, "SHARE_MIN_SAVED_POSITIONS", 1 if shared else 10**9)
+    model.zero_grad(set_to_none=True)
+    images = []
+    hook = model.model.vision_tower.register_forward_pre_hook(
+        lambda m, a, kw: images.append((a[0] if a else kw["pixel_values"]).shape[0]), with_kwargs=True
+    )
+    try:
+        logps, ent = per_token_logps(model, inputs, mask, 0.7, impl, compute_entropy=True, entropy_grad=True)
+    finally:
+        hook.remove()
+    w_logps, w_ent = weights(mask)
+    ((logps * w_logps).sum() + (ent * w_ent).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return logps.detach(), ent.detach(), grads, images
