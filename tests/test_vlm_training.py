@@ -360,3 +360,30 @@ def test_export_writes_the_processor_and_the_merged_model_reloads(vlm_config, tm
     with torch.no_grad():
         again, _ = per_token_logps(reloaded.eval(), r.model_inputs(), r.completion_mask, 0.9)
     torch.testing.assert_close(again, expected, rtol=0, atol=2e-5)
+
+
+def test_export_from_a_checkpoint_of_a_lora_run(vlm_config, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from lightning_gspo.export import main as export_main
+
+    lora = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+    module = vlm_module(vlm_config, per_device_train_batch_size=4, max_completion_length=4, learning_rate=1e-2,
+                        lr_scheduler_type="constant", model={"lora": lora})  # fmt: skip
+    data = PromptGroupDataModule(image_rows(8), algorithm=module.config)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(module, datamodule=data)
+    (path,) = (tmp_path / "ckpt").glob("*step=2.ckpt")
+    r = off_policy_rollout(module, n_prompts=2)
+    with torch.no_grad():
+        expected, _ = per_token_logps(module.policy.eval(), r.model_inputs(), r.completion_mask, 0.9)
+        with module.policy.disable_adapter():
+            base, _ = per_token_logps(module.policy, r.model_inputs(), r.completion_mask, 0.9)
+    assert (expected - base).abs().max() > 1e-4  # the adapters trained: the merge has something to carry
+    written = export_main(["--ckpt", str(path), "--out", str(tmp_path / "export"), "--merged"])
+    assert (written["adapter"] / "adapter_config.json").exists()
+    assert all((p / "preprocessor_config.json").exists() for p in written.values())
+    merged = AutoModelForImageTextToText.from_pretrained(written["merged"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        got, _ = per_token_logps(merged, r.model_inputs(), r.completion_mask, 0.9)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
