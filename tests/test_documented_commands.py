@@ -114,10 +114,9 @@ def test_documented_command_composes_to_sizes_that_fit_its_task(
         cfg = compose("config", overrides=_overrides(entry, args, tmp_path))
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
-        if str(cfg.data.source.get("_target_", "")).endswith(
-            "mathvista.make_dataset"
-        ):  # the hub's: no network
-            cfg.data.source.path = str(_mathvista_rows(tmp_path))
+        source = cfg.data.source  # MathVista from the hub needs a network: local rows laid out as its
+        if OmegaConf.is_dict(source) and str(source.get("_target_")).endswith("mathvista.make_dataset"):
+            source.path = str(_mathvista_rows(tmp_path))
     algo_values = OmegaConf.to_container(cfg.algorithm, resolve=True)
     if algo_values.get("reward_weights") is None and cfg.reward.get("weights") is not None:
         algo_values["reward_weights"] = list(cfg.reward.weights)
