@@ -222,6 +222,26 @@ def test_the_reference_is_the_starting_policy_with_images(vlm_config, lora):
     assert (module.ref_model is None) == (lora is not None)  # LoRA: the base with adapters off, no copy
 
 
+def test_qlora_with_checkpointing_and_a_reference_trains(vlm_config, tmp_path):
+    # The -qlora presets' path: a 4-bit base, LoRA on the language model, checkpointing, beta > 0.
+    pytest.importorskip("bitsandbytes")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = {"lora": {"r": 4, "alpha": 8, "target_modules": targets}, "load_in_4bit": True,
+             "bnb_4bit_compute_dtype": "float32", "gradient_checkpointing": True}  # fmt: skip
+    module = vlm_module(vlm_config, model=model, beta=0.04, per_device_train_batch_size=4, learning_rate=1e-2)
+    assert type(
+        module.policy.get_base_model().model.language_model.layers[0].mlp.up_proj.base_layer
+    ).__name__ == ("Linear4bit")
+    trainable = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".visual." not in n for n in trainable)
+    trainer(tmp_path, max_steps=2).fit(
+        module, datamodule=PromptGroupDataModule(image_rows(8), algorithm=module.config)
+    )
+    assert module.forward_counts["ref"] == 1 and module.forward_counts["policy"] == 2
+    params = dict(module.policy.named_parameters())
+    assert any(not torch.equal(params[n], v) for n, v in trainable.items())
+
+
 # ---- DDP: groups and their images on one rank ----
 def _ddp_worker(rank, world, port, config, rollout_path, out_dir):
     import torch.distributed as dist
