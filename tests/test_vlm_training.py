@@ -407,3 +407,20 @@ def test_export_from_a_checkpoint_of_a_lora_run(vlm_config, tmp_path):
     with torch.no_grad():
         got, _ = per_token_logps(merged, r.model_inputs(), r.completion_mask, 0.9)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_the_guides_experiment_runs_under_ddp_on_two_cpu_processes(tmp_path):
+    # Lightning's own DDP (trainer=ddp_sim, gloo): each rank samples its own prompts' groups with their images.
+    from test_conf import _cli
+
+    rows, _ = _cli(tmp_path, "experiment=unsloth_gspo_vlm", "model=tiny-vlm", "trainer=ddp_sim", "callbacks=none",
+                   f"output_dir={tmp_path / 'run'}", f"data.source.path={mathvista_rows(tmp_path, n=16)}",
+                   "algorithm.max_steps=2", "algorithm.max_completion_length=6", "algorithm.num_generations=4",
+                   "algorithm.per_device_train_batch_size=4", "algorithm.gradient_accumulation_steps=2",
+                   "algorithm.optim=adamw_torch", "reward.funcs=[lightning_gspo.rewards.arithmetic.format_reward]",
+                   "reward.weights=null")  # fmt: skip
+    trained = [r for r in rows if r.get("grad_norm")]
+    assert [int(r["step"]) for r in trained] == [1, 2]
+    assert any(float(r["grad_norm"]) > 0 for r in trained)
