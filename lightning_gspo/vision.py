@@ -107,6 +107,18 @@ class VisionProcessor:
     def __len__(self) -> int:
         return len(self.tokenizer)
 
+    def save_pretrained(self, path, **kwargs):
+        """Write what loads the processor back: the model's own processor's files where it was built (tokenizer,
+        chat template, image and video processor configs); otherwise the tokenizer (with its chat template) and
+        the image processor's config, the files a model directory holds, from which ``load_processor`` composes
+        it again and ``AutoProcessor.from_pretrained`` builds it where torchvision is present. The image size
+        cap (``max_pixels``) in use is saved with it."""
+        if self.processor is not None:
+            return self.processor.save_pretrained(path, **kwargs)
+        files = self.tokenizer.save_pretrained(path, **kwargs)
+        self.image_processor.save_pretrained(path)
+        return files
+
     @property
     def placeholder_ids(self) -> list[int]:
         """Token ids that stand for image or video features: never sampled."""

@@ -76,6 +76,18 @@ def _overrides(entry: str, args: list[str], tmp_path: Path) -> list[str]:
     return out
 
 
+def _mathvista_rows(tmp_path: Path) -> Path:
+    """64 rows laid out as AI4Math/MathVista's, with a question as long as its longer ones."""
+    from PIL import Image
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "p.png")
+    question = "The figure shows a triangle with sides 3, 4 and 5. " * 6
+    rows = [{"question": f"{question}What is {i} + 1?", "answer": str(i + 1), "decoded_image": str(tmp_path / "p.png")}
+            for i in range(64)]  # fmt: skip
+    (tmp_path / "mathvista.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path / "mathvista.jsonl"
+
+
 def _prompt_tokens(prompt, model: ModelConfig, tokenizer) -> int:
     if tokenizer is not None:
         return len(tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False)["input_ids"]) + 1
@@ -102,6 +114,9 @@ def test_documented_command_composes_to_sizes_that_fit_its_task(
         cfg = compose("config", overrides=_overrides(entry, args, tmp_path))
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
+        source = cfg.data.source  # MathVista from the hub needs a network: local rows laid out as its
+        if OmegaConf.is_dict(source) and str(source.get("_target_")).endswith("mathvista.make_dataset"):
+            source.path = str(_mathvista_rows(tmp_path))
     algo_values = OmegaConf.to_container(cfg.algorithm, resolve=True)
     if algo_values.get("reward_weights") is None and cfg.reward.get("weights") is not None:
         algo_values["reward_weights"] = list(cfg.reward.weights)
