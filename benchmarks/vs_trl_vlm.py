@@ -212,7 +212,7 @@ def check_processor(model_dir: str, rows: int = 4) -> str:
         start += n
     return (
         f"TRL's processing class matches the reference on {rows} prompts: ids ({len(ref_ids)} tokens, "
-        f"{n // 4} image tokens), pixel values ({n} x {ref_pixels.shape[1]}) and grids, and lightning-gspo's "
+        f"{ref_ids.count(ours.image_token_id)} image tokens), pixel values ({n} x {ref_pixels.shape[1]}) and grids, and lightning-gspo's "
         "encoding gives the same"
     )
 
@@ -257,7 +257,7 @@ def child(job: dict) -> None:
     if job["trainer"] == "build":
         from lightning_gspo.tiny_vlm import build_tiny_vlm
 
-        build_tiny_vlm(job["model_dir"], VOCAB, **VLM)
+        build_tiny_vlm(job["model_dir"], VOCAB, **job["vlm"])
         Path(job["result"]).write_text(json.dumps(check_processor(job["model_dir"])))
         return
     rec = vs_trl.Recorder(job["device"], job["task"])
@@ -284,7 +284,7 @@ def vision_report(runs: list[dict]) -> str:
     first = {n: next(r for r in runs if r["trainer"] == n) for n in ("ours", "trl")}
     rows = []
     for name in ("ours", "trl"):
-        res, s = first[name]["raw"], first[name]["summary"]
+        res = first[name]["raw"]
         steps = len(res["step_ends"])
         calls = res["calls"]
         rows.append(
@@ -294,7 +294,6 @@ def vision_report(runs: list[dict]) -> str:
                 "calls per optimizer step": calls.get("vision tower", 0) / steps,
                 "images encoded per optimizer step": calls.get("vision tower images", 0) / steps,
                 "patches encoded per optimizer step": calls.get("vision tower patches", 0) / steps,
-                "peak RSS in training, MiB": s["peak_rss_training_mib"],
             }
         )
     for key in rows[0]:
@@ -317,8 +316,13 @@ def main() -> None:
         action="store_true",
         help="one trainer after the other, each started on a quiet machine (default: both at once)",
     )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tiny VLM's defaults (2 vision blocks 32 wide, 112 x 112 images) instead of VLM: a quick check",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--model", default="outputs/bench_vs_trl/vlm", help="where the tiny VLM is written")
+    p.add_argument("--models", default="outputs/bench_vs_trl", help="the tiny VLM is written under vlm/ here")
     p.add_argument("--busy", type=float, default=0.15, help="--sequential: others' cores that disturb a run")
     p.add_argument("--retries", type=int, default=3, help="--sequential: re-runs of a disturbed run")
     p.add_argument("--max-wait", type=float, default=1800, help="--sequential: seconds to wait for quiet")
@@ -343,7 +347,8 @@ def main() -> None:
             steps=a.steps,
             threads=threads,
             device=a.device,
-            model_dir=str(Path(a.model).resolve()),
+            model_dir=str(Path(a.models).resolve() / ("tiny" if a.tiny else "vlm")),
+            vlm={} if a.tiny else VLM,
             script=str(Path(__file__).resolve()),
         )
         build = {**base, "trainer": "build", "seed": 0, "result": str(tmp / "build.json")}
@@ -357,9 +362,12 @@ def main() -> None:
             runs = vs_trl.side_by_side_runs(base, a.seeds, tmp)
         for r in runs:
             r["profile"] = vs_trl.profile(r["raw"])
-        text = vs_trl.report("vlm (tiny Qwen2.5-VL, 224 x 224 images)", runs, base) + vision_report(runs)
+        title = (
+            "vlm: the tiny VLM's defaults (--tiny)" if a.tiny else "vlm: tiny Qwen2.5-VL, 224 x 224 images"
+        )
+        text = vs_trl.report(title, runs, base) + vision_report(runs)
         text += (
-            f"\nmodel: {VLM}, vocabulary {VOCAB}; {check}; load average at the start "
+            f"\nmodel: {base['vlm'] or 'the defaults'}, vocabulary {VOCAB}; {check}; load average at the start "
             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}\n"
         )
     print("\n" + text, flush=True)
