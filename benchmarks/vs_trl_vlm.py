@@ -234,7 +234,9 @@ vs_trl.TASKS["dots"] = dict(
 
 def clock_vision_tower(rec: vs_trl.Recorder) -> None:
     """Time every call of the Qwen2.5-VL vision tower and count the images and patches it encodes (one class
-    for both trainers, wrapped from the outside)."""
+    for both trainers, wrapped from the outside), in all and apart for the calls under autograd (the policy
+    forward; the others are generation and the old log-probs)."""
+    import torch
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
     tower = qwen.Qwen2_5_VisionTransformerPretrainedModel
@@ -242,12 +244,21 @@ def clock_vision_tower(rec: vs_trl.Recorder) -> None:
 
     def counted(self, hidden_states, *args, **kwargs):
         grid = kwargs.get("grid_thw", args[0] if args else None)
-        rec.calls["vision tower images"] += 0 if grid is None else int(grid.shape[0])
-        rec.calls["vision tower patches"] += int(hidden_states.shape[0])
-        return real(self, hidden_states, *args, **kwargs)
+        images = 0 if grid is None else int(grid.shape[0])
+        for key in (
+            ("vision tower", "vision tower, policy forward") if torch.is_grad_enabled() else ("vision tower",)
+        ):
+            rec.calls[f"{key} images"] += images
+            rec.calls[f"{key} patches"] += int(hidden_states.shape[0])
+        t0 = time.perf_counter()
+        try:
+            return real(self, hidden_states, *args, **kwargs)
+        finally:
+            rec.add_time("vision tower", time.perf_counter() - t0)
+            if torch.is_grad_enabled():
+                rec.add_time("vision tower, policy forward", time.perf_counter() - t0)
 
     tower.forward = counted
-    rec.timed(tower, "forward", "vision tower")
 
 
 def child(job: dict) -> None:
@@ -287,15 +298,21 @@ def vision_report(runs: list[dict]) -> str:
         res = first[name]["raw"]
         steps = len(res["step_ends"])
         calls = res["calls"]
-        rows.append(
-            {
-                "ms per optimizer step": res["times"].get("vision tower", 0.0) / steps * 1e3,
-                "share of the loop": res["times"].get("vision tower", 0.0) / (res["end"] - res["start"]),
-                "calls per optimizer step": calls.get("vision tower", 0) / steps,
-                "images encoded per optimizer step": calls.get("vision tower images", 0) / steps,
-                "patches encoded per optimizer step": calls.get("vision tower patches", 0) / steps,
-            }
+        times = res["times"]
+        row = {
+            "ms per optimizer step": times.get("vision tower", 0.0) / steps * 1e3,
+            "share of the loop": times.get("vision tower", 0.0) / (res["end"] - res["start"]),
+            "calls per optimizer step": calls.get("vision tower", 0) / steps,
+            "images encoded per optimizer step": calls.get("vision tower images", 0) / steps,
+            "patches encoded per optimizer step": calls.get("vision tower patches", 0) / steps,
+        }
+        key = "vision tower, policy forward"
+        row[f"{key}: ms per optimizer step"] = times.get(key, 0.0) / steps * 1e3
+        row[f"{key}: images per optimizer step"] = calls.get(f"{key} images", 0) / steps
+        row["ms per image encoded"] = row["ms per optimizer step"] / max(
+            row["images encoded per optimizer step"], 1
         )
+        rows.append(row)
     for key in rows[0]:
         ours, trl = rows[0][key], rows[1][key]
         ratio = f"{ours / trl:.2f}" if trl else "n/a"
