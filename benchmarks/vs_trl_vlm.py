@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_trl beside this file (-P keeps it off sys.path)
+sys.path.append(str(Path(__file__).resolve().parent))  # vs_trl beside this file (-P keeps it off sys.path)
 
 import vs_trl  # noqa: E402
 
