@@ -7,6 +7,7 @@
 
 (``-P``, or ``PYTHONSAFEPATH=1``, keeps the repository's ``kernels/`` folder from shadowing Hugging Face's
 ``kernels`` package.) Results and their reading: docs/benchmarks.md, "End to end against TRL's GRPOTrainer".
+``vs_trl_vlm.py`` runs the same machinery on a vision-language model (a task entry, ``spawn``'s ``script``).
 
 Both trainers get the same model directory (random weights, written once with ``save_pretrained``; for
 ``smollm2`` the real SmolLM2-135M-Instruct weights converted from the packaged GGUF), the same prompts

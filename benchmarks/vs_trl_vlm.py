@@ -1,7 +1,8 @@
 """End to end against TRL's GRPOTrainer on a vision-language model: the same GSPO run on the same tiny Qwen2.5-VL.
 
     python -P benchmarks/vs_trl_vlm.py                          # 24 steps x 2 seeds, the two trainers side by side
-    python -P benchmarks/vs_trl_vlm.py --steps 4 --seeds 1      # a check that both run (about 2 minutes)
+    python -P benchmarks/vs_trl_vlm.py --steps 6 --seeds 2      # short runs (about 3 minutes)
+    python -P benchmarks/vs_trl_vlm.py --tiny --steps 4 --seeds 1  # the default tiny VLM: a check (about 1 minute)
     python -P benchmarks/vs_trl_vlm.py --sequential --threads 2 # one after the other, each on a quiet machine
 
 Results and their reading: docs/benchmarks.md, "End to end against TRL on a vision-language model". The machinery
@@ -11,7 +12,7 @@ model, the images, the reward functions, TRL's processing class and the vision t
 - The model: ``lightning_gspo.tiny_vlm.build_tiny_vlm`` made larger (``VLM``: 4 vision blocks 128 wide, 4 language
   layers 128 wide, images of 224 x 224 pixels, i.e. 256 patches and 64 image tokens each), random weights, the
   printable-ASCII vocabulary, written once and loaded by both trainers from the same directory.
-- The data: ``NUM_PROMPTS`` generated pictures (1 to 9 coloured dots on a coloured background, seeded) in an
+- The data: ``NUM_PROMPTS`` generated pictures (1 to 9 dark dots on a light background, seeded) in an
   ``image`` column, as TRL expects for VLMs, the number in a ``count`` column, and one fixed question.
 - The rewards: ``count_reward`` (1 when the completion's first number is the count) and ``digit_reward`` (the
   share of the completion's characters that are digits, weight 0.5). The second varies between random
@@ -34,8 +35,9 @@ model, the images, the reward functions, TRL's processing class and the vision t
 
 Measured as in ``vs_trl.py`` (completions/s, optimizer steps/s, peak RSS in training, the per-part profile:
 generation, old log-probs, policy forward, backward, ...), plus the vision tower: its time, its calls and the images
-it encoded per optimizer step. TRL repeats each prompt's image once per completion in every forward (the tower sees
-G copies); a forward that encodes the image and the prompt once per group shows there.
+it encoded per optimizer step, in all and in the policy forward. Both trainers repeat each prompt's image once per
+completion (the tower sees G copies in every forward; TRL also in its old-log-probs pass); a forward that encodes
+the image and the prompt once per group shows there.
 """
 
 from __future__ import annotations
