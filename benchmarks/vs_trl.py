@@ -7,6 +7,7 @@
 
 (``-P``, or ``PYTHONSAFEPATH=1``, keeps the repository's ``kernels/`` folder from shadowing Hugging Face's
 ``kernels`` package.) Results and their reading: docs/benchmarks.md, "End to end against TRL's GRPOTrainer".
+``vs_trl_vlm.py`` runs the same machinery on a vision-language model (a task entry, ``spawn``'s ``script``).
 
 Both trainers get the same model directory (random weights, written once with ``save_pretrained``; for
 ``smollm2`` the real SmolLM2-135M-Instruct weights converted from the packaged GGUF), the same prompts
@@ -55,6 +56,8 @@ THREADS = 2
 # The tasks: prompts and reward functions (``lightning_gspo.rewards.arithmetic``) with their weights. "digits" is
 # the CPU demo's ("3+9=" -> "2"); "chat" is the real-model job's (``experiment=smollm2_arithmetic``): two-digit
 # sums as chat questions, with HELD_OUT distinct questions kept out of training and scored greedily at the end.
+# Another benchmark adds its own task here with ``reward_funcs`` (the functions, named as in ``funcs``) and
+# ``dataset`` (a function giving the training prompts and None), as ``vs_trl_vlm.py`` does.
 TASKS = {
     "digits": dict(funcs=("correctness_reward", "format_reward"), weights=[1.0, 0.5]),
     "chat": dict(funcs=("number_reward", "brevity_reward"), weights=[1.0, 0.2]),
@@ -245,6 +248,8 @@ def datasets(task: str):
 
     from lightning_gspo.tasks.arithmetic import make_chat_dataset, make_dataset
 
+    if "dataset" in TASKS[task]:
+        return TASKS[task]["dataset"](), None
     if task == "digits":
         return make_dataset(NUM_PROMPTS), None
     ds = make_chat_dataset(CHAT_PROMPTS, seed=0, digits=2)
@@ -261,6 +266,8 @@ def datasets(task: str):
 def task_reward_funcs(task: str) -> list:
     import lightning_gspo.rewards.arithmetic as arithmetic
 
+    if "reward_funcs" in TASKS[task]:
+        return list(TASKS[task]["reward_funcs"])
     return [getattr(arithmetic, name) for name in TASKS[task]["funcs"]]
 
 
@@ -549,10 +556,13 @@ def run_trl(job: dict, rec: Recorder) -> None:
         log_completions=False,
         **algo,
     )
-    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    if "trl_inputs" in TASKS[job["task"]]:  # a task's own model object and processing class (a VLM's)
+        model, tokenizer = TASKS[job["task"]]["trl_inputs"](job["model_dir"])
+    else:
+        model, tokenizer = job["model_dir"], AutoTokenizer.from_pretrained(job["model_dir"])
     train, held_out = datasets(job["task"])
     trainer = GRPOTrainer(
-        model=job["model_dir"],
+        model=model,
         reward_funcs=rec.reward_funcs(),
         args=args,
         train_dataset=train,
@@ -624,7 +634,9 @@ def spawn(job: dict, log_path: Path) -> dict:
         TRANSFORMERS_OFFLINE="1",
         WANDB_MODE="disabled",
     )
-    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child", json.dumps(job)]
+    # the script whose --child runs the job: this one, or another benchmark built on these helpers
+    script = job.get("script") or str(Path(__file__).resolve())
+    cmd = [sys.executable, "-P", script, "--child", json.dumps(job)]
     busy0, t0 = _busy_seconds(), time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -670,6 +682,45 @@ def side_by_side_runs(base: dict, seeds: int, tmp: Path) -> list[dict]:
             print(
                 f"    {name}: {s['completions_per_s']:.2f} completions/s, peak RSS {s['peak_rss_training_mib']:.0f} MiB, "
                 f"held-out {res['held_out']}",
+                flush=True,
+            )
+    return runs
+
+
+def sequential_runs(
+    base: dict, seeds: int, tmp: Path, busy: float, retries: int, max_wait: float
+) -> list[dict]:
+    """Each seed's two runs one after the other (who goes first alternates), each started on a quiet machine
+    (fewer than ``busy`` cores used by others) and repeated up to ``retries`` times when others used more."""
+    runs = []
+    size = base["size"]
+    for seed in range(seeds):
+        order = ("ours", "trl") if seed % 2 == 0 else ("trl", "ours")  # alternate who runs first
+        for name in order:
+            tag = f"{size}_{name}_{seed}"
+            job = {**base, "trainer": name, "seed": seed, "work_dir": str(tmp / tag)}
+            job["result"] = str(tmp / f"{tag}.json")
+            attempts = 0
+            while True:
+                attempts += 1
+                waited = wait_quiet(busy, max_wait)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {size}: {name}, seed {seed} "
+                    f"(waited {waited:.0f} s for a quiet machine) ...",
+                    flush=True,
+                )
+                usage = spawn(job, tmp / f"{tag}.log")
+                if usage["others_cores"] < busy or attempts > retries:
+                    break
+                print(f"    other processes used {usage['others_cores']:.2f} cores meanwhile", flush=True)
+            usage["attempts"] = attempts
+            res = {**json.loads(Path(job["result"]).read_text()), "trainer": name}
+            res["memory"].update(usage)
+            runs.append({"trainer": name, "seed": seed, "raw": res, "summary": summarise(res, job)})
+            s = runs[-1]["summary"]
+            print(
+                f"    {s['steps_per_s']:.3f} steps/s, peak RSS {s['peak_rss_training_mib']:.0f} MiB, "
+                f"reward {s['reward_last']:.3f}",
                 flush=True,
             )
     return runs
@@ -921,41 +972,12 @@ def main() -> None:
                 spawn(job, Path(tmp) / f"{size}_baseline.log")
                 baseline = json.loads(Path(job["result"]).read_text())
                 print(f"    held-out before training: {baseline}", flush=True)
-            runs = []
             if a.side_by_side:
                 runs = side_by_side_runs(base, a.seeds or spec["seeds"], Path(tmp))
-            for seed in range(0 if a.side_by_side else (a.seeds or spec["seeds"])):
-                order = ("ours", "trl") if seed % 2 == 0 else ("trl", "ours")  # alternate who runs first
-                for name in order:
-                    tag = f"{size}_{name}_{seed}"
-                    job = {**base, "trainer": name, "seed": seed, "work_dir": str(Path(tmp) / tag)}
-                    job["result"] = str(Path(tmp) / f"{tag}.json")
-                    attempts = 0
-                    while True:
-                        attempts += 1
-                        waited = wait_quiet(a.busy, a.max_wait)
-                        print(
-                            f"[{time.strftime('%H:%M:%S')}] {size}: {name}, seed {seed} "
-                            f"(waited {waited:.0f} s for a quiet machine) ...",
-                            flush=True,
-                        )
-                        usage = spawn(job, Path(tmp) / f"{tag}.log")
-                        if usage["others_cores"] < a.busy or attempts > a.retries:
-                            break
-                        print(
-                            f"    other processes used {usage['others_cores']:.2f} cores meanwhile",
-                            flush=True,
-                        )
-                    usage["attempts"] = attempts
-                    res = {**json.loads(Path(job["result"]).read_text()), "trainer": name}
-                    res["memory"].update(usage)
-                    runs.append({"trainer": name, "seed": seed, "raw": res, "summary": summarise(res, job)})
-                    s = runs[-1]["summary"]
-                    print(
-                        f"    {s['steps_per_s']:.3f} steps/s, peak RSS {s['peak_rss_training_mib']:.0f} MiB, "
-                        f"reward {s['reward_last']:.3f}",
-                        flush=True,
-                    )
+            else:
+                runs = sequential_runs(
+                    base, a.seeds or spec["seeds"], Path(tmp), a.busy, a.retries, a.max_wait
+                )
             for r in runs:
                 r["profile"] = profile(r["raw"])
             text = report(size, runs, base, baseline)
