@@ -201,8 +201,13 @@ def load_processor(path: str, tokenizer, max_pixels: int | None = None, trust_re
         image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     if max_pixels is not None:
         set_max_pixels(image_processor, max_pixels)
-    # The fixed layout's placeholder and token count, for the composed path (the processor knows its own).
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # The fixed layout's placeholder and token count, for the composed path (the processor knows its own). An
+    # exported adapter's directory has no model config: the grid layout's defaults apply (a LLaVA adapter's
+    # directory holds LLaVA's own processor files, which AutoProcessor builds above).
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        config = None
     image_token_id = getattr(config, "image_token_id", None)
     image_token = None if image_token_id is None else tokenizer.convert_ids_to_tokens(int(image_token_id))
     seq_length = getattr(config, "image_seq_length", None)

@@ -249,6 +249,47 @@ def test_tiny_llava_trains(llava_config, tmp_path, lora, tower_trains):
     assert any(row.get("grad_norm") not in (None, "") for row in rows)
 
 
+def test_export_writes_llavas_processor_and_the_merged_model_reloads(llava_config, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from lightning_gspo.export import export_model
+    from lightning_gspo.vision import load_processor
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg = GSPOConfig(num_generations=2, per_device_train_batch_size=4, max_completion_length=4)
+    module = GSPOModule({**llava_config.to_dict(), "lora": lora}, [odd_digits], cfg)
+    with torch.no_grad():  # adapters that change the model, so the merge is seen
+        for n, p in module.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    policy, proc = module.policy.eval(), module.tokenizer
+    (record,) = records(1)
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "1+1="}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids, pixels, _ = proc.encode(text, record["images"])
+    inputs = {"input_ids": torch.tensor([ids + ids[-3:]]), "attention_mask": torch.ones(1, len(ids) + 3)}
+    inputs["pixel_values"] = pixels
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        expected, _ = per_token_logps(policy, inputs, mask, 1.0)
+    written = export_model(policy, proc, tmp_path / "export", merged=True, model_config=llava_config)
+    assert set(written) == {"adapter", "merged"}
+    for path in written.values():  # LLaVA's own processor files beside each, so AutoProcessor rebuilds it
+        from transformers import AutoTokenizer
+
+        again = load_processor(str(path), AutoTokenizer.from_pretrained(path))
+        assert type(again.processor).__name__ == "LlavaProcessor" and again.image_token == "<image>"
+        ids_again, pixels_again, _ = again.encode(text, record["images"])
+        assert ids_again == ids and torch.equal(pixels_again, pixels)
+    merged = AutoModelForImageTextToText.from_pretrained(written["merged"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        got, _ = per_token_logps(merged, inputs, mask, 1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_tiny_llava_preset_loads():
     cfg = load_preset("tiny-llava")
     assert cfg.name_or_path == "tiny-llava:digits" and cfg.lora is None and cfg.max_pixels is None
