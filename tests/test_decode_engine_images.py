@@ -106,6 +106,23 @@ def test_greedy_equals_hf_generate(vlm, stop):
         assert len(set(completion_mask(hf, v.eos)[0].sum(1).tolist())) >= 2
 
 
+def test_prompts_without_images_beside_and_alone_equal_hf_generate(vlm):
+    """A row without images among image rows (Qwen: 3-D positions that are plain text positions on that row), and a
+    batch with no image at all (no pixel_values; Qwen still gets its 3-D text positions)."""
+    text_only = {"prompt": [{"role": "user", "content": "45+6="}], "images": []}
+    for rows in ([RECORDS[0], text_only, RECORDS[1]], [text_only]):
+        prompts = [r["prompt"] for r in rows]
+        ids, mask, images, _ = vlm.proc.encode_prompts(
+            prompts, rows, None, lambda p: prompt_text(p, vlm.proc)
+        )
+        cfg = algo()
+        hf = HFGenerate(vlm.proc, cfg, vlm.eos, greedy=True).generate(vlm.model, ids, mask, G, images=images)
+        ours = CachedGenerate(vlm.proc, cfg, vlm.eos, greedy=True).generate(
+            vlm.model, ids, mask, G, images=images
+        )
+        assert torch.equal(ours, hf)
+
+
 def test_sampled_completions_do_not_depend_on_early_exit_or_shared_prefill(vlm):
     cfg, eos = algo(temperature=0.9, top_k=12), [*vlm.eos, digit(vlm.proc)]
     outs = []
