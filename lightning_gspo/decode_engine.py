@@ -20,12 +20,26 @@ Position ids come from the attention mask's running sum, as ``generate`` compute
 of different lengths continue exactly where they would. The uniform numbers that drive sampling are drawn for all
 U * G rows and every step before the loop (one ``torch.rand`` call from the global generator), and each row reads
 its own: the same seed gives the same completions with or without early exit and shared prefill.
+
+Vision-language policies (``images``, an ``ImageBatch`` with one entry per distinct prompt):
+- The prefill takes each prompt's image inputs, so the vision tower encodes each prompt's images once; ``generate``
+  receives and encodes them once per completion. Decode steps need no image input: the image features are in the
+  cache.
+- Qwen2-VL-style models place image tokens on a 3-D (temporal, height, width) grid and let the text after an
+  image continue from the grid's extent, so the mask's running sum is not a token's position. The prefill takes
+  the model's own 3-D positions (``rope_positions.position_ids_for``), and each row continues on all three axes
+  from its largest prompt position + 1: what ``generate`` reaches with its ``rope_deltas``. Decode steps pass
+  (3, n, 1) positions; transformers' optional fourth (text) row only serves masks built from positions, and an
+  attention mask is always given here. LLaVA-style models keep the 1-D positions of a text model.
+- Image placeholder ids (``tokenizer.placeholder_ids``) are never drawn, as ``HFGenerate`` suppresses them: a
+  sampled placeholder would ask the model for image features that do not exist. Their logits are set to -inf
+  before the sampling chain, which every processor keeps at -inf, so where the chain applies the suppression
+  does not change the distribution.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +52,10 @@ except ImportError:  # transformers before per-layer cache objects: caches are n
     DynamicLayer = object
 
 from lightning_gspo.config_checks import CACHED_ENGINE_KWARGS
+from lightning_gspo.image_batch import ImageBatch
 from lightning_gspo.rollout import GenerationEngine, HFGenerate
-from lightning_gspo.sampling import SamplingSettings, next_tokens, seen_tokens
-from lightning_gspo.vision import is_vision_processor
+from lightning_gspo.rope_positions import position_ids_for
+from lightning_gspo.sampling import FILTER_VALUE, SamplingSettings, next_tokens, seen_tokens
 
 
 def engine_name(config) -> str:
@@ -53,24 +68,8 @@ def engine_name(config) -> str:
 
 
 def build_engine(tokenizer, config, eos: list[int], greedy: bool = False) -> GenerationEngine:
-    """The engine ``config.generation_engine`` names, with the config's sampling settings (or greedy).
-
-    A vision-language policy (its tokenizer is a ``VisionProcessor``) samples with 'hf': this loop does not yet
-    pass image inputs or keep 3-D rotary positions."""
-    if is_vision_processor(tokenizer):
-        if getattr(config, "generation_engine", "hf") == "cached":
-            raise ValueError(
-                "generation_engine='cached' cannot sample from a vision-language model yet (it does not pass "
-                "image inputs or 3-D positions); set generation_engine='auto' or 'hf'."
-            )
-        if engine_name(config) == "cached":  # 'auto'
-            warnings.warn(
-                "generation_engine='auto' samples with 'hf' (transformers' generate) for a vision-language "
-                "model: the cached engine does not pass image inputs or 3-D positions yet.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return HFGenerate(tokenizer, config, eos, greedy=greedy)
+    """The engine ``config.generation_engine`` names, with the config's sampling settings (or greedy), for text
+    and vision-language policies alike."""
     if engine_name(config) == "cached":
         return CachedGenerate(tokenizer, config, eos, greedy=greedy)
     return HFGenerate(tokenizer, config, eos, greedy=greedy)
@@ -83,8 +82,14 @@ class _Batch:
     rows: torch.Tensor  # (n,) each row's index in the output
     live: torch.Tensor  # (n,) bool: no EOS yet (rows that finished stay until the next compaction)
     mask: torch.Tensor  # (n, L) attention mask over the cache and the next token
-    position: torch.Tensor  # (n,) position id of the next token
+    position: torch.Tensor  # (n,) position id of the next token (on every rotary axis)
     seen: torch.Tensor | None  # (n, V) bool: tokens the repetition penalty applies to
+    rope_axes: int = 0  # 3 for Qwen2-VL-style (temporal, height, width) positions; 0 for 1-D ones
+
+    def position_ids(self) -> torch.Tensor:
+        """(n, 1) the next token's position ids, or (rope_axes, n, 1), the same on every axis."""
+        ids = self.position.unsqueeze(1)
+        return ids.unsqueeze(0).expand(self.rope_axes, -1, -1) if self.rope_axes else ids
 
     def select(self, keep: torch.Tensor, cache) -> None:
         """Keep only rows ``keep`` (indices), in the cache too."""
@@ -101,7 +106,8 @@ class _Batch:
 
 class CachedGenerate(GenerationEngine):
     """Args:
-    tokenizer: gives the pad id written after each EOS.
+    tokenizer: gives the pad id written after each EOS, and, for a vision-language policy (``VisionProcessor``),
+        the image placeholder ids never sampled.
     config: the sampling settings and ``max_completion_length`` (``GSPOConfig``; ``generation_kwargs`` may
         override the sampling fields, as for ``generate``).
     eos: the ids that end a completion.
@@ -131,16 +137,19 @@ class CachedGenerate(GenerationEngine):
             (config.generation_kwargs or {}).get("max_new_tokens", config.max_completion_length)
         )
         self.pad_token_id = tokenizer.pad_token_id
+        self.suppressed = sorted(set(getattr(tokenizer, "placeholder_ids", None) or []))
         self.eos = sorted(set(eos))
         self.early_exit, self.shared_prefill = early_exit, shared_prefill
         self.compact_fraction, self.preallocate = compact_fraction, preallocate
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids, prompt_mask, num_generations):
+    def generate(self, model, prompt_ids, prompt_mask, num_generations, images: ImageBatch | None = None):
+        """``images``: each prompt's image tensors (one entry per row of ``prompt_ids``), for a vision-language
+        policy."""
         was_training = model.training
         model.eval()
         try:
-            return self._decode(model, prompt_ids, prompt_mask, num_generations)
+            return self._decode(model, prompt_ids, prompt_mask, num_generations, images)
         finally:
             model.train(was_training)
 
@@ -150,6 +159,7 @@ class CachedGenerate(GenerationEngine):
         prompt_ids: torch.Tensor,  # (U, P)
         prompt_mask: torch.Tensor,  # (U, P)
         g: int,
+        images: ImageBatch | None = None,
     ) -> torch.Tensor:
         n, width, device = prompt_ids.shape[0] * g, self.max_new_tokens, prompt_ids.device
         self._cache_name = _cache_kwarg(model)
@@ -157,12 +167,15 @@ class CachedGenerate(GenerationEngine):
         uniforms = (
             None if self.settings.greedy else torch.rand((width, n), dtype=torch.float64, device=device)
         )
-        cache, logits, batch = self._prefill(model, prompt_ids, prompt_mask, g)
+        cache, logits, batch = self._prefill(model, prompt_ids, prompt_mask, g, images)
         out = torch.full((n, width), self.pad_token_id, dtype=torch.long, device=device)
         eos = torch.tensor(self.eos, device=device)
+        suppressed = torch.tensor(self.suppressed, dtype=torch.long, device=device)
         steps = width
         for t in range(width):
             u = None if uniforms is None else uniforms[t, batch.rows]
+            if len(suppressed):
+                logits = logits.index_fill(1, suppressed, FILTER_VALUE)
             token = next_tokens(logits, self.settings, u, batch.seen)
             out[batch.rows[batch.live], t] = token[batch.live]
             if batch.seen is not None:
@@ -178,12 +191,19 @@ class CachedGenerate(GenerationEngine):
         return out[:, :steps]
 
     def _prefill(
-        self, model, ids: torch.Tensor, mask: torch.Tensor, g: int
+        self, model, ids: torch.Tensor, mask: torch.Tensor, g: int, images: ImageBatch | None = None
     ) -> tuple[Any, torch.Tensor, _Batch]:
         """The cache and last-position logits of every output row, and the batch that decodes them."""
         if not self.shared_prefill:
             ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            if images is not None:
+                images = images.rows(torch.arange(len(images)).repeat_interleave(g))
+        extra = {} if images is None else images.model_inputs(ids)  # each row's images, in the prefill only
+        positions = position_ids_for(model, ids, mask, extra)  # (B, P), or (3, B, P) with mm_token_type_ids
+        # The next position of each row: after its largest prompt position on every axis (3-D positions after an
+        # image are not the token count); the last one for 1-D positions of a left-padded prompt.
+        rope_axes = positions.shape[0] if positions.dim() == 3 else 0
+        after = (positions.amax(0) if rope_axes else positions).amax(-1) + 1  # (B,)
         cache = _new_cache(model, ids.shape[1] + self.max_new_tokens if self.preallocate else None)
         out = model(
             input_ids=ids,
@@ -191,18 +211,19 @@ class CachedGenerate(GenerationEngine):
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,
+            **extra,
             **{self._cache_name: cache},
         )
         logits = out.logits[:, -1].float()
         seen = seen_tokens(ids, mask, logits.shape[-1]) if self.settings.penalises_repeats else None
         if self.shared_prefill and g > 1:
             cache.batch_repeat_interleave(g)
-            logits, mask, positions = (x.repeat_interleave(g, 0) for x in (logits, mask, positions))
+            logits, mask, after = (x.repeat_interleave(g, 0) for x in (logits, mask, after))
             seen = None if seen is None else seen.repeat_interleave(g, 0)
         n = logits.shape[0]
         rows = torch.arange(n, device=ids.device)
         live = torch.ones(n, dtype=torch.bool, device=ids.device)
-        return cache, logits, _Batch(rows, live, mask, positions[:, -1] + 1, seen)
+        return cache, logits, _Batch(rows, live, mask, after, seen, rope_axes)
 
     def _compaction(self, batch: _Batch) -> torch.Tensor | None:
         """The rows to keep when finished rows should leave the batch now, else None."""
@@ -217,7 +238,7 @@ class CachedGenerate(GenerationEngine):
         out = model(
             input_ids=token.unsqueeze(1),
             attention_mask=batch.mask,
-            position_ids=batch.position.unsqueeze(1),
+            position_ids=batch.position_ids(),
             use_cache=True,
             **{self._cache_name: cache},
         )

@@ -22,7 +22,6 @@ from lightning_gspo.rollout import Rollout, eos_ids, sample_completions
 from lightning_gspo.vision import VisionProcessor
 from lightning_gspo.vision_prompts import check_records
 
-pytestmark = pytest.mark.filterwarnings("ignore:generation_engine='auto' samples with 'hf'")
 SIZES = [(40, 70), (100, 30), (60, 60), (150, 200)]  # (height, width): all resized and cropped to 56 x 56
 TOKENS = 16  # (56 / 14) ** 2 patches; the CLS token is dropped
 UNUSED = "post_layernorm"  # LLaVA takes the tower's hidden states before CLIP's last norm: it has no gradient
