@@ -212,6 +212,7 @@ class GenerationEngine(ABC):
         prompt_ids: torch.Tensor,  # (U, P) left-padded, each distinct prompt once
         prompt_mask: torch.Tensor,  # (U, P)
         num_generations: int,
+        images: ImageBatch | None = None,  # each prompt row's images (a vision-language policy), else None
     ) -> torch.Tensor:
         """(U * num_generations, C) completion ids, right-padded, the completions of each prompt together."""
 
