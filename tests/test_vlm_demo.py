@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_gspo.rewards.answer import answer_length_reward, exact_answer_reward
 from lightning_gspo.tasks.shapes import COLOURS, QUESTION, make_dataset, picture_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,14 @@ def test_bad_arguments_name_the_setting():
         make_dataset(4, size=20)
 
 
+def test_the_rewards_pay_for_exactly_the_answer_and_for_stopping():
+    texts = ["3", " 3 ", "33", "31", "4", "", "3x"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]  # chat completions, as in training
+    answer = ["3"] * len(texts)
+    assert exact_answer_reward(None, completions, answer) == [1.0, 1.0, 0, 0, 0, 0, 0]
+    assert answer_length_reward(None, texts, answer) == [1.0, 1.0, 0, 0, 1.0, 0, 0]  # plain text too
+
+
 # ---- the demo, as a user runs it ----
 def _held_out(tmp_path: Path, *overrides: str) -> list[tuple[int, float]]:
     """(step, greedy held-out accuracy) of ``python -m lightning_gspo.train experiment=tiny_vlm_demo``."""
@@ -83,7 +92,7 @@ def _held_out(tmp_path: Path, *overrides: str) -> list[tuple[int, float]]:
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    key = "eval/rewards/correctness_reward/mean"
+    key = "eval/rewards/exact_answer_reward/mean"
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
 
 
@@ -104,7 +113,7 @@ def test_the_demo_learns_the_colours_from_the_pictures(tmp_path):
 
 @pytest.mark.slow
 def test_with_blank_pictures_it_stays_at_chance(tmp_path):
-    # 200 steps, where the demo is past 0.9 (three seeds: 0.95-0.98); eval at 100 and 200.
+    # 200 steps, where the demo is past 0.9 (four seeds: 0.97-0.98); evaluated at 100 and 200.
     overrides = [
         "data.source.blank=true",
         "algorithm.max_steps=200",
