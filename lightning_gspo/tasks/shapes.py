@@ -14,7 +14,8 @@ Choices, and why:
 - The splits are disjoint by construction: each picture belongs to the split its pixels' hash names (one in
   eight to validation, one in eight to test, the rest to training), and each split's stream keeps only its own.
   Held-out accuracy is measured on pictures never trained on, whatever the sizes and seeds of the splits.
-- Shapes and backgrounds vary in place, size and tone, so no single pixel gives the answer away.
+- Shapes vary in kind, place and size and backgrounds in tone, so the answer sits at no fixed place in the
+  picture: the policy has to read the image tokens, not one position of them.
 """
 
 from __future__ import annotations
