@@ -25,7 +25,6 @@ from lightning_gspo.rollout import Rollout, eos_ids, sample_completions
 from lightning_gspo.vision import VisionProcessor
 from lightning_gspo.vision_prompts import check_records, record_images
 
-pytestmark = pytest.mark.filterwarnings("ignore:generation_engine='auto' samples with 'hf'")
 SIZES = [
     (40, 70),
     (100, 30),
