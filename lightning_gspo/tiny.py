@@ -135,6 +135,20 @@ def build_char_tokenizer(vocab: str, add_bos: bool = False):
     return tok
 
 
+def vision_settings(path: Path, defaults: dict, overrides: dict, vocab: str, name: str) -> tuple[dict, bool]:
+    """A tiny vision-language model's settings (``defaults`` with ``overrides``; unknown names refused, naming
+    ``name``), and whether ``path`` already holds a model built with them."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(
+            f"model.tiny has {', '.join(sorted(unknown))}, which the {name} does not know; its settings are "
+            f"{', '.join(defaults)}."
+        )
+    settings = {**defaults, **overrides, "vocab": vocab}
+    stamp = path / "lightning_gspo_tiny.json"
+    return settings, stamp.exists() and json.loads(stamp.read_text()) == settings
+
+
 def build_tiny_model(path: str | Path, vocab: str = "digits", **overrides: Any) -> Path:
     """Write a randomly initialised tiny Qwen2 model and its tokenizer to ``path`` as a Hugging Face directory.
 

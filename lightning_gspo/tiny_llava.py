@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lightning_gspo.tiny import SPECIAL, VOCABS, _byte_level
+from lightning_gspo.tiny import SPECIAL, VOCABS, _byte_level, vision_settings
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,9 @@ def build_tiny_llava(path: str | Path, vocab: str = "digits", **overrides: Any) 
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    unknown = set(overrides) - set(TINY_LLAVA_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"model.tiny has {', '.join(sorted(unknown))}, which the tiny LLaVA does not know; its settings are "
-            f"{', '.join(TINY_LLAVA_DEFAULTS)}."
-        )
     path = Path(path)
-    s = {**TINY_LLAVA_DEFAULTS, **overrides, "vocab": vocab}
-    stamp = path / "lightning_gspo_tiny.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == s:
+    s, built = vision_settings(path, TINY_LLAVA_DEFAULTS, overrides, vocab, "tiny LLaVA")
+    if built:
         return path
     if s["image_size"] % s["patch_size"]:
         raise ValueError(
@@ -158,7 +151,7 @@ def build_tiny_llava(path: str | Path, vocab: str = "digits", **overrides: Any) 
         image_token=IMAGE_TOKEN,
     )
     (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
-    stamp.write_text(json.dumps(s))
+    (path / "lightning_gspo_tiny.json").write_text(json.dumps(s))
     n = sum(p.numel() for p in model.parameters())
     log.info("wrote the tiny LLaVA (%d parameters) to %s", n, path)
     return path

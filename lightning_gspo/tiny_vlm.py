@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lightning_gspo.tiny import SPECIAL, VOCABS, _byte_level
+from lightning_gspo.tiny import SPECIAL, VOCABS, _byte_level, vision_settings
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,9 @@ def build_tiny_vlm(path: str | Path, vocab: str = "digits", **overrides: Any) ->
     ``path`` as a Hugging Face directory; reused when it already holds one built with the same settings."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    unknown = set(overrides) - set(TINY_VLM_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"model.tiny has {', '.join(sorted(unknown))}, which the tiny VLM does not know; its settings are "
-            f"{', '.join(TINY_VLM_DEFAULTS)}."
-        )
     path = Path(path)
-    s = {**TINY_VLM_DEFAULTS, **overrides, "vocab": vocab}
-    stamp = path / "lightning_gspo_tiny.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == s:
+    s, built = vision_settings(path, TINY_VLM_DEFAULTS, overrides, vocab, "tiny VLM")
+    if built:
         return path
     tok = build_vlm_tokenizer(vocab)
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in VISION_TOKENS.items()}
@@ -149,7 +142,7 @@ def build_tiny_vlm(path: str | Path, vocab: str = "digits", **overrides: Any) ->
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     image_processor.save_pretrained(path)
-    stamp.write_text(json.dumps(s))
+    (path / "lightning_gspo_tiny.json").write_text(json.dumps(s))
     n = sum(p.numel() for p in model.parameters())
     log.info("wrote the tiny Qwen2.5-VL (%d parameters) to %s", n, path)
     return path

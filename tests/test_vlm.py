@@ -3,11 +3,10 @@ log-probs with 3-D positions, per-row slicing of image tensors, training (full a
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from helpers import logged, loss_of, trainer
-from PIL import Image
+from pictures import odd_digits, picture, png_bytes
 
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import PromptGroupDataModule
@@ -20,22 +19,6 @@ from lightning_gspo.vision import VisionProcessor
 from lightning_gspo.vision_prompts import check_records
 
 SIZES = [(40, 70), (100, 30), (60, 60), (150, 200)]  # (height, width): grids 2x4, 8x2, 4x4, 6x8 patches
-
-
-def picture(h: int, w: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed + 7 * h + w)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def odd_digits(completions, **kwargs):
-    """Varies between random completions, so groups have non-zero advantages."""
-    return [float(sum(ch in "13579" for ch in c[0]["content"])) for c in completions]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import trainer
+from pictures import odd_digits
 from PIL import Image
 
 from lightning_gspo.config import GSPOConfig
@@ -19,10 +20,6 @@ from lightning_gspo.module import GSPOModule
 def picture(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (28 + 14 * (seed % 3), 56, 3), dtype=np.uint8))
-
-
-def odd_digits(completions, **kwargs):
-    return [float(sum(ch in "13579" for ch in c[0]["content"])) for c in completions]
 
 
 PROMPT = [{"role": "user", "content": "How many dots?"}]

@@ -3,13 +3,11 @@ number of image tokens per image, 1-D positions): its processor with and without
 log-probs, per-row slicing of the image tensors, training (full, LoRA, with the tower) and the start-up errors."""
 
 import copy
-import io
 
-import numpy as np
 import pytest
 import torch
 from helpers import logged, loss_of, trainer
-from PIL import Image
+from pictures import odd_digits, picture, png_bytes
 
 from lightning_gspo.config import GSPOConfig
 from lightning_gspo.data import PromptGroupDataModule
@@ -25,21 +23,6 @@ from lightning_gspo.vision_prompts import check_records
 SIZES = [(40, 70), (100, 30), (60, 60), (150, 200)]  # (height, width): all resized and cropped to 56 x 56
 TOKENS = 16  # (56 / 14) ** 2 patches; the CLS token is dropped
 UNUSED = "post_layernorm"  # LLaVA takes the tower's hidden states before CLIP's last norm: it has no gradient
-
-
-def picture(h: int, w: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed + 7 * h + w)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def odd_digits(completions, **kwargs):
-    return [float(sum(ch in "13579" for ch in c[0]["content"])) for c in completions]
 
 
 @pytest.fixture(scope="module")

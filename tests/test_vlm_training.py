@@ -5,14 +5,13 @@ generation batch, and export of the adapter and the merged model with the proces
 import json
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from helpers import logged, loss_of, trainer
 from hydra import compose, initialize_config_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf, open_dict
-from PIL import Image
+from pictures import odd_digits, picture
 from test_config import UNSLOTH
 
 from lightning_gspo.config import GSPOConfig
@@ -31,16 +30,6 @@ SIZES = [
     (60, 60),
     (150, 200),
 ]  # (height, width): 2x4, 8x2, 4x4, 6x8 patches of 14 pixels
-
-
-def picture(h: int, w: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed + 7 * h + w)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def odd_digits(completions, **kwargs):
-    """Varies between random completions, so groups have non-zero advantages."""
-    return [float(sum(ch in "13579" for ch in c[0]["content"])) for c in completions]
 
 
 def image_rows(n: int) -> list[dict]:
