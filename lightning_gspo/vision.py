@@ -112,9 +112,12 @@ class VisionProcessor:
         chat template, image and video processor configs); otherwise the tokenizer (with its chat template) and
         the image processor's config, the files a model directory holds, from which ``load_processor`` composes
         it again and ``AutoProcessor.from_pretrained`` builds it where torchvision is present. The image size
-        cap (``max_pixels``) in use is saved with it."""
+        cap (``max_pixels``) in use is saved with it. The image processor's own config is written either way, so a
+        machine without torchvision composes the processor from what one with it exported."""
         if self.processor is not None:
-            return self.processor.save_pretrained(path, **kwargs)
+            files = self.processor.save_pretrained(path, **kwargs)
+            self.image_processor.save_pretrained(path)
+            return files
         files = self.tokenizer.save_pretrained(path, **kwargs)
         self.image_processor.save_pretrained(path)
         return files

@@ -47,12 +47,26 @@ def records(tmp_path=None, n: int = 4):
 
 
 # ---- 1. the processor ----
-def test_composed_processor_equals_the_reference_processing(vlm, vlm_config):
-    _, proc = vlm
-    assert isinstance(proc, VisionProcessor) and proc.processor is None  # no torchvision here: composed
-    from transformers import Qwen2VLImageProcessorPil
+def composed_processor(config, monkeypatch):
+    """The processor as it is built where the model's own cannot be (no torchvision): composed."""
+    import transformers
 
-    reference = Qwen2VLImageProcessorPil.from_pretrained(f"{vlm_config.tiny_dir}/vlm-digits")
+    def unbuildable(*args, **kwargs):
+        raise ImportError("no torchvision")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoProcessor, "from_pretrained", unbuildable)
+        proc = load_tokenizer(config)
+    assert isinstance(proc, VisionProcessor) and proc.processor is None
+    return proc
+
+
+def test_composed_processor_equals_the_reference_processing(vlm_config, monkeypatch):
+    proc = composed_processor(vlm_config, monkeypatch)
+    from transformers import AutoImageProcessor
+
+    # The image processor alone (its PIL backend here; torchvision's where it loads), with the ids expanded by hand.
+    reference = AutoImageProcessor.from_pretrained(f"{vlm_config.tiny_dir}/vlm-digits")
     tok = proc.tokenizer
     images = [picture(*s) for s in SIZES]
     for pair in (images[:1], images[1:3], images[3:]):
@@ -73,12 +87,13 @@ def test_composed_processor_equals_the_reference_processing(vlm, vlm_config):
         expected += tok("3\nA: ", add_special_tokens=False)["input_ids"]
         assert ids == expected
     # max_pixels caps the image: 150 x 200 (6 x 8 merged tokens at the default) becomes 28 x 56, 2 x 4 patches.
-    small = load_tokenizer(ModelConfig(**{**vlm_config.to_dict(), "max_pixels": 56 * 56}))
+    small = composed_processor(ModelConfig(**{**vlm_config.to_dict(), "max_pixels": 56 * 56}), monkeypatch)
     _, _, grid = small.encode("<|image_pad|>", [images[3]])
     assert grid.tolist() == [[1, 2, 4]] and small.max_pixels == 56 * 56
 
 
-def test_the_models_own_processor_is_used_where_torchvision_loads(vlm_config):
+def test_the_models_own_processor_is_used_where_torchvision_loads(vlm_config, monkeypatch):
+    """With torchvision (a GPU machine) the model's own processor is used, and the composed one gives its inputs."""
     pytest.importorskip("torchvision")
     proc = load_tokenizer(vlm_config)
     assert proc.processor is not None
@@ -88,6 +103,16 @@ def test_the_models_own_processor_is_used_where_torchvision_loads(vlm_config):
     ref = proc.processor(text=[text], images=images, return_tensors="pt")
     assert ids == ref["input_ids"][0].tolist()
     torch.testing.assert_close(pixels, ref["pixel_values"])
+    for max_pixels in (None, 56 * 56):
+        cfg = ModelConfig(**{**vlm_config.to_dict(), "max_pixels": max_pixels})
+        own, composed = load_tokenizer(cfg), composed_processor(cfg, monkeypatch)
+        assert own.processor is not None
+        for pair in (images[:1], images):
+            t = text if len(pair) == 2 else "Q: <|vision_start|><|image_pad|><|vision_end|>3\nA: "
+            a, b = own.encode(t, pair), composed.encode(t, pair)
+            assert a[0] == b[0] and torch.equal(a[2], b[2])
+            # torchvision's resize and PIL's round differently: the pixels agree to a few 1e-2 (of a unit std).
+            torch.testing.assert_close(a[1], b[1], rtol=0, atol=0.1)
 
 
 # ---- 2-5. rollouts and log-probs ----
