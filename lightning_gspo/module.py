@@ -70,6 +70,7 @@ from lightning_gspo.routing import routing_tracer
 from lightning_gspo.run_state import RunState
 from lightning_gspo.scored_sampling import ScoredSampler
 from lightning_gspo.vision_prompts import check_image_rows
+from lightning_gspo.vlm_models import image_only_parameters
 
 # Checkpoints hold the state after the optimizer step together with the rollout and RNG that follow it, which is
 # what an exact resume needs; Lightning's warning about pre-optimization state does not apply.
@@ -122,6 +123,7 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         object.__setattr__(self, "ref_model", ref)
         # After the reference copy, which must not carry the policy's routing hooks.
         self.routing = routing_tracer(self.policy, cfg.routing_replay)
+        self.image_params = image_only_parameters(self.policy)
         self.eos = eos_ids(self.tokenizer, self.policy)
         engine = engine or build_engine(self.tokenizer, cfg, self.eos)
         self.sampler = ScoredSampler(
@@ -305,6 +307,10 @@ class GSPOModule(EvaluationHooks, L.LightningModule):
         if routed is not None and routed.flip_rate is not None:
             metrics["routing/expert_flip_rate"] = float(routed.flip_rate)
             metrics["routing/router_flip_rate"] = float(routed.router_flip_rate)
+        if world > 1 and self.image_params:
+            # A micro-batch without images leaves the vision tower (or a projector) out of the backward, and DDP
+            # waits for every trainable parameter's gradient: they join with zero (they are few beside the model).
+            loss = loss + 0.0 * sum(p.sum() for p in self.image_params)
         self.manual_backward(loss)
         self.state.window.add(reduce_mean(metrics, self.trainer.strategy))
         return loss.detach()

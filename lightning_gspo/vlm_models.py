@@ -22,6 +22,7 @@ TINY_VLM_PREFIX = "tiny-vlm:"
 TINY_LLAVA_PREFIX = "tiny-llava:"
 TINY_VLM_PREFIXES = (TINY_VLM_PREFIX, TINY_LLAVA_PREFIX)
 TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+PROJECTOR_NAMES = ("multi_modal_projector",)
 
 
 def is_vlm_path(path: str, trust_remote_code: bool = False, revision: str | None = None) -> bool:
@@ -62,6 +63,16 @@ def vision_tower(model):
         if name.rsplit(".", 1)[-1] in TOWER_NAMES:
             return name, module
     return None, None
+
+
+def image_only_parameters(model) -> list:
+    """The trainable parameters that only image inputs reach: the vision tower's (when it trains) and a LLaVA
+    projector's (``multi_modal_projector``, which trains with the language model). A forward without images
+    leaves them without a gradient."""
+    _, tower = vision_tower(model)
+    modules = [] if tower is None else [tower]
+    modules += [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def load_vlm(path: str, kwargs: dict, train_vision_tower: bool):
