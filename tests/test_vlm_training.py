@@ -303,9 +303,12 @@ def _run(vlm_config, out, max_steps, ckpt_path=None, every=None):
     return module, logged(out) if (out / "csv" / "metrics.csv").exists() else []
 
 
-def test_resume_in_the_middle_of_a_generation_batch_with_images(vlm_config, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "llava"])
+def test_resume_in_the_middle_of_a_generation_batch_with_images(vlm_config, tmp_path, family):
     # Two optimizer steps per generation batch (num_iterations=2): step 1 stops between them, so the resumed run
-    # must take its second step on the checkpointed rollout, images included.
+    # must take its second step on the checkpointed rollout, images included (both image layouts).
+    if family == "llava":
+        vlm_config = ModelConfig(**{**vlm_config.to_dict(), "name_or_path": "tiny-llava:digits"})
     full_module, full = _run(vlm_config, tmp_path / "full", max_steps=4)
     _run(vlm_config, tmp_path / "first", max_steps=1, every=1)
     (ckpt,) = (tmp_path / "first" / "ckpt").glob("*step=1.ckpt")
