@@ -319,16 +319,9 @@ def _shared_prompt_hidden(
     if embeds is None:
         embeds = backbone.get_input_embeddings()(input_ids[:, :span])
     routing = {"output_router_logits": True} if router else {}
-    # A VLM's prompt run takes its own images, and the ids that say where their features replace the embeddings
-    # (Qwen2-VL-style forwards take both; a LLaVA-style one takes one or the other, so the ids alone);
-    # 3-D positions slice as 1-D ones do (rows, positions last).
     tokens = {"inputs_embeds": embeds[first, :p]}
-    if images is not None:
-        tokens = {
-            "input_ids": input_ids[first, :p],
-            **({"inputs_embeds": embeds[first, :p]} if images.grid else {}),
-        }
-        tokens.update(images_of(images, extra, first.tolist()))
+    if images is not None:  # 3-D positions slice as 1-D ones do (rows, positions last)
+        tokens.update(_prompt_images(images, extra, input_ids[first, :p], first))
     with backbone_call(attention_mask, 0, p, rows=first, shares=row_run):  # a group's prompt routes once
         prompt = backbone(
             **tokens,
@@ -358,6 +351,14 @@ def _shared_prompt_hidden(
     if not router:
         return BackboneOut(hidden, None)
     return BackboneOut(hidden, gather_shared(prompt.router_logits, completion.router_logits, row_run, p))
+
+
+def _prompt_images(images: RowImages, extra, prompt_ids, first) -> dict:
+    """The image inputs of the prompt rows ``first`` for their one run. Where the image features replace the
+    embeddings a Qwen2-VL-style forward reads from the ids, given beside the embeddings; a LLaVA-style one takes the
+    embeddings alone and finds its image token's embedding in them."""
+    out = images_of(images, extra, first.tolist())
+    return {**out, "input_ids": prompt_ids} if images.grid else out
 
 
 def _tied_embeddings(backbone, head, ids: torch.Tensor) -> torch.Tensor | None:

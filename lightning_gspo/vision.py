@@ -114,11 +114,8 @@ class VisionProcessor:
         it again and ``AutoProcessor.from_pretrained`` builds it where torchvision is present. The image size
         cap (``max_pixels``) in use is saved with it. The image processor's own config is written either way, so a
         machine without torchvision composes the processor from what one with it exported."""
-        if self.processor is not None:
-            files = self.processor.save_pretrained(path, **kwargs)
-            self.image_processor.save_pretrained(path)
-            return files
-        files = self.tokenizer.save_pretrained(path, **kwargs)
+        owner = self.tokenizer if self.processor is None else self.processor
+        files = owner.save_pretrained(path, **kwargs)
         self.image_processor.save_pretrained(path)
         return files
 
